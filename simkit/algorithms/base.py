@@ -1,0 +1,254 @@
+"""What every algorithm shares: the run context, client runtimes, costed steps, evaluation.
+
+The co-simulation contract (DESIGN.md §1): a protocol is a set of SimPy processes. Real PyTorch
+work runs at one simulated instant -- the instant the device starts the compute, after queueing
+for a slot -- and the process then waits out ``device.compute(flops)``. Every message is a
+``network.transfer`` whose size comes from the real tensors or state dicts sent, plus
+``message_overhead_bytes`` per message. Evaluation is a measurement, not part of the protocol: it
+takes no simulated time.
+
+Counting conventions (documented in docs/model.md):
+- client FLOPs are split into forward and backward (``client_flops_fwd``/``client_flops_bwd``);
+  FLOPs come from ``torch.utils.flop_counter`` (a multiply-add counts 2);
+- bytes: a tensor costs ``numel * element_size``; labels travel with activations as int64;
+- a step whose device went off before it finished is not counted (its energy is).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simkit.config import Scenario
+from simkit.errors import WorkloadError
+from simkit.learning.data import load_dataset
+from simkit.learning.flops import count_flops
+from simkit.learning.models import build_mixed_models, build_split_model, model_bytes
+from simkit.learning.partition import ClientData, partition
+from simkit.records import Recorder
+from simkit.rng import SeedTree
+from simkit.world.devices import Device, DeviceOff
+from simkit.world.fleet import World
+from simkit.world.network import TransferAborted
+
+#: what a protocol catches when a device it depends on goes away mid-step
+Unavailable = (DeviceOff, TransferAborted)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a dense tensor on the wire."""
+    return t.numel() * t.element_size()
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict on the wire (every tensor, parameters and buffers)."""
+    return sum(tensor_bytes(t) for t in state.values())
+
+
+def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted average of state dicts (FedAvg, McMahan et al. 2017); integer buffers take the first."""
+    total = float(sum(weights))
+    out = {}
+    for k in states[0]:
+        if states[0][k].is_floating_point():
+            acc = torch.zeros_like(states[0][k])
+            for s, w in zip(states, weights):
+                acc.add_(s[k], alpha=w / total)
+            out[k] = acc
+        else:
+            out[k] = states[0][k].clone()
+    return out
+
+
+@dataclass
+class ClientRuntime:
+    """One client: its device, its data (on the run's torch device) and its model key."""
+
+    name: str
+    index: int
+    device: Device
+    data: ClientData
+    key: str  # which client-model family it uses (the dataset name; one key unless 'mixed')
+    x_train: torch.Tensor = None
+    y_train: torch.Tensor = None
+    x_test: torch.Tensor = None
+    y_test: torch.Tensor = None
+    state: dict = field(default_factory=dict)  # per-algorithm scratch (models, optimisers)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+class Context:
+    """Everything one run's algorithm needs, built from the scenario."""
+
+    def __init__(self, scenario: Scenario, world: World, recorder: Recorder, seeds: SeedTree):
+        self.scenario = scenario
+        self.spec = scenario.algorithm
+        self.world = world
+        self.env = world.env
+        self.recorder = recorder
+        self.seeds = seeds
+        self.tdev = torch.device(scenario.workload.torch_device)
+        self.dtype = torch.float64 if scenario.workload.dtype == "float64" else torch.float32
+        self.batch_size = scenario.workload.batch_size
+        self.overhead = scenario.algorithm.message_overhead_bytes
+        self.flops_client_fwd = 0.0
+        self.flops_client_bwd = 0.0
+        self.flops_server = 0.0
+        self._flop_cache: dict = {}
+        self.finished: dict[str, int] = {}  # client -> rounds it completed
+        self._build_workload()
+
+    # -- workload ----------------------------------------------------------------------------
+    def _build_workload(self) -> None:
+        sc = self.scenario
+        wl = sc.workload
+        names = list(self.world.clients)
+        rng = self.seeds.numpy("partition")
+        if wl.partition.kind == "mixed":
+            data = {d: load_dataset(d, path=wl.data_path) for d in wl.partition.datasets}
+            num_classes = max(d.num_classes for d in data.values())
+        else:
+            data = load_dataset(wl.dataset, path=wl.data_path)
+            num_classes = data.num_classes
+        parts = partition(wl.partition, data, len(names), rng, test_fraction=wl.test_fraction,
+                          max_samples=wl.max_samples)
+        self.num_classes = num_classes
+        self.clients: list[ClientRuntime] = []
+        for i, (name, cd) in enumerate(zip(names, parts)):
+            if cd.y_train.shape[0] < self.batch_size:
+                raise WorkloadError(
+                    f"batch size {self.batch_size} is larger than client {name!r}'s {cd.y_train.shape[0]} "
+                    f"training samples", field="workload.batch_size")
+            c = ClientRuntime(name=name, index=i, device=self.world.clients[name], data=cd, key=cd.dataset)
+            c.x_train = cd.x_train.to(self.tdev, self.dtype)
+            c.y_train = cd.y_train.to(self.tdev)
+            c.x_test = cd.x_test.to(self.tdev, self.dtype)
+            c.y_test = cd.y_test.to(self.tdev)
+            self.clients.append(c)
+        self.by_name = {c.name: c for c in self.clients}
+        self.input_shapes = {c.key: tuple(c.x_train.shape[1:]) for c in self.clients}
+
+        gen = torch.Generator().manual_seed(self.seeds.int_seed("torch.init"))
+        ms = wl.model
+        if wl.partition.kind == "mixed":
+            factories, server, cut_shape = build_mixed_models(self.input_shapes, num_classes, cut=ms.cut,
+                                                              width=ms.width, generator=gen)
+            self.client_templates = {k: f() for k, f in factories.items()}
+            self.server_template = server
+            self.cut_shape = tuple(cut_shape)
+        else:
+            key = self.clients[0].key
+            sm = build_split_model(ms.family, self.input_shapes[key], num_classes, cut=ms.cut, width=ms.width,
+                                   generator=gen)
+            self.client_templates = {key: sm.client}
+            self.server_template = sm.server
+            self.cut_shape = tuple(sm.cut_shape)
+        for m in [*self.client_templates.values(), self.server_template]:
+            m.to(self.tdev, self.dtype)
+
+    # -- batches -----------------------------------------------------------------------------
+    def epoch_order(self, client: ClientRuntime, epoch: int) -> list[torch.Tensor]:
+        """Index tensors of the mini-batches of ``client`` in ``epoch`` (seeded, deterministic)."""
+        rng = np.random.default_rng(self.seeds.sequence(f"batches.{client.index}.{epoch}"))
+        perm = torch.from_numpy(rng.permutation(client.n_train)).to(self.tdev)
+        b = self.batch_size
+        return [perm[i:i + b] for i in range(0, client.n_train, b)]
+
+    def steps_per_epoch(self, client: ClientRuntime) -> int:
+        return math.ceil(client.n_train / self.batch_size)
+
+    # -- costs -------------------------------------------------------------------------------
+    def flops(self, module: nn.Module, part: str, key: str, batch: int, *, input_grad: bool):
+        """Forward/backward FLOPs of ``module`` at batch size ``batch`` (cached per part and shape)."""
+        shape = (batch, *(self.cut_shape if part == "server" else self.input_shapes[key]))
+        ck = (part, key, shape, input_grad)
+        fc = self._flop_cache.get(ck)
+        if fc is None:
+            fc = count_flops(module, shape, backward=True, input_requires_grad=input_grad)
+            self._flop_cache[ck] = fc
+        return fc
+
+    def model_bytes(self, module: nn.Module) -> int:
+        return model_bytes(module)
+
+    def client_compute(self, client: ClientRuntime, fwd: float, bwd: float, tag: str,
+                       work: Callable | None = None):
+        """A SimPy process: compute fwd+bwd FLOPs on the client's device, counted on success."""
+        value = yield client.device.compute(fwd + bwd, tag, work)
+        self.flops_client_fwd += fwd
+        self.flops_client_bwd += bwd
+        return value
+
+    def server_compute(self, flops: float, tag: str, work: Callable | None = None):
+        value = yield self.world.server.compute(flops, tag, work)
+        self.flops_server += flops
+        return value
+
+    def send(self, src: Device, dst: Device, nbytes: float, tag: str):
+        """Transfer event of one message (payload + per-message overhead)."""
+        return self.world.network.transfer(src.node, dst.node, nbytes + self.overhead, tag=tag)
+
+    # -- availability ------------------------------------------------------------------------
+    def available(self, client: ClientRuntime, rnd: int) -> bool:
+        """Is ``client`` on and not dropped for round ``rnd``? Records the dropout if not."""
+        dev = client.device
+        if dev.dead or not dev.on:
+            self.recorder.dropout(client.name, self.env.now, "off" if not dev.dead else "dead")
+            return False
+        if self.world.availability.drops_round(client.name, rnd):
+            self.recorder.dropout(client.name, self.env.now, "round_dropout")
+            return False
+        return True
+
+    def dropped(self, client: ClientRuntime, exc: Exception) -> None:
+        """Record that ``client`` dropped out mid-round."""
+        self.recorder.dropout(client.name, self.env.now, "mid_round", type(exc).__name__)
+
+    # -- optimisers and evaluation ----------------------------------------------------------
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        s = self.spec
+        if s.optimizer == "adam":
+            return torch.optim.Adam(params, lr=s.lr)
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+
+    @torch.no_grad()
+    def evaluate_client(self, client: ClientRuntime, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Accuracy and loss of ``predict`` on ``client``'s own test split, recorded now."""
+        logits = predict(client.x_test)
+        loss = float(F.cross_entropy(logits, client.y_test))
+        acc = float((logits.argmax(1) == client.y_test).float().mean())
+        self.recorder.eval(client.name, self.env.now, acc, loss, int(client.y_test.shape[0]))
+
+
+class Algorithm:
+    """Base of an algorithm: configured from the context; ``run()`` is the SimPy process."""
+
+    name = "base"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.spec = ctx.spec
+
+    def run(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+        yield
+
+    def evaluate(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def final_states(self) -> dict[str, dict]:  # pragma: no cover - abstract
+        """The trained weights: ``{"server": state_dict, "client/<key>": state_dict, ...}``."""
+        raise NotImplementedError
+
+    def maybe_evaluate(self, rnd: int) -> None:
+        if (rnd + 1) % self.spec.eval_every == 0 or rnd + 1 == self.spec.rounds:
+            self.evaluate()

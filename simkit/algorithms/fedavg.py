@@ -1,0 +1,134 @@
+"""FedAvg (McMahan et al., AISTATS 2017) with FedProx's proximal term (Li et al., MLSys 2020).
+
+Each round the server picks ``max(1, round(fraction * N))`` of the clients that are available
+(seeded), sends each the whole model (client part + server part), each trains ``local_epochs``
+over its own data, sends its weights back, and the server averages the returned weights, weighted
+by the clients' training-set sizes. With ``mu > 0`` the local loss gains ``mu/2 ||w - w_global||^2``.
+
+Drop-out policy: a client that goes off mid-round (or whose transfer is aborted) returns nothing;
+the server averages whatever came back (the global model is unchanged if nothing did). The
+dropout is recorded. In the "mixed" workload each dataset group has its own client backbone:
+backbones are averaged within their group, the server part over everyone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
+from simkit.learning.losses import proximal_term
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.global_client = {k: _clone_state(m) for k, m in ctx.client_templates.items()}
+        self.global_server = _clone_state(ctx.server_template)
+        self.rng = ctx.seeds.numpy("fedavg.select")
+        self.workers: dict[str, nn.Sequential] = {}
+        self.whole_bytes = {k: ctx.model_bytes(m) + ctx.model_bytes(ctx.server_template)
+                            for k, m in ctx.client_templates.items()}
+
+    def worker(self, c: ClientRuntime) -> nn.Sequential:
+        m = self.workers.get(c.name)
+        if m is None:
+            m = nn.Sequential(copy.deepcopy(self.ctx.client_templates[c.key]), copy.deepcopy(self.ctx.server_template))
+            self.workers[c.name] = m
+        return m
+
+    def select(self, rnd: int) -> list[ClientRuntime]:
+        ctx = self.ctx
+        avail = [c for c in ctx.clients if ctx.available(c, rnd)]
+        m = max(1, round(self.spec.fraction * len(ctx.clients)))
+        if m >= len(avail):
+            return avail
+        idx = sorted(self.rng.choice(len(avail), size=m, replace=False).tolist())
+        return [avail[i] for i in idx]
+
+    def run(self):
+        ctx, env = self.ctx, self.ctx.env
+        for rnd in range(self.spec.rounds):
+            ctx.recorder.round = rnd
+            start = env.now
+            chosen = self.select(rnd)
+            procs = [env.process(self.client_round(c, rnd)) for c in chosen]
+            done = yield env.all_of(procs)
+            updates = [v for v in done.values() if v is not None]
+            if updates:
+                yield from self.aggregate(updates)
+            ctx.recorder.round_done(start, env.now, len(updates))
+            self.maybe_evaluate(rnd)
+
+    def client_round(self, c: ClientRuntime, rnd: int):
+        ctx, env, spec = self.ctx, self.ctx.env, self.spec
+        server = ctx.world.server
+        try:
+            yield ctx.send(server, c.device, self.whole_bytes[c.key], "model_down")
+            model = self.worker(c)
+            model[0].load_state_dict(self.global_client[c.key])
+            model[1].load_state_dict(self.global_server)
+            opt = ctx.optimizer(model.parameters())
+            anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
+            for e in range(spec.local_epochs):
+                for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
+                    b = int(idx.shape[0])
+                    cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
+                    sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
+
+                    def step(idx=idx):
+                        opt.zero_grad(set_to_none=True)
+                        loss = F.cross_entropy(model(c.x_train[idx]), c.y_train[idx])
+                        if anchor is not None:
+                            loss = loss + proximal_term(model.parameters(), anchor, spec.mu)
+                        loss.backward()
+                        opt.step()
+
+                    yield from ctx.client_compute(c, cf.fwd + sf.fwd, cf.bwd + sf.bwd, "train", step)
+            result = (_clone_state(model[0]), _clone_state(model[1]), c.n_train, c.key)
+            yield ctx.send(c.device, server, self.whole_bytes[c.key], "model_up")
+            ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
+            return result
+        except Unavailable as exc:
+            ctx.dropped(c, exc)
+            return None
+
+    def aggregate(self, updates):
+        ctx = self.ctx
+        n_params = sum(t.numel() for t in self.global_server.values())
+        n_params += sum(t.numel() for s in self.global_client.values() for t in s.values())
+
+        def work():
+            self.global_server = average_states([u[1] for u in updates], [u[2] for u in updates])
+            for key in self.global_client:
+                group = [u for u in updates if u[3] == key]
+                if group:
+                    self.global_client[key] = average_states([u[0] for u in group], [u[2] for u in group])
+
+        # one multiply-add per parameter per update
+        yield from ctx.server_compute(2.0 * n_params * len(updates), "aggregate", work)
+
+    def final_states(self) -> dict[str, dict]:
+        return {"server": self.global_server, **{f"client/{k}": v for k, v in self.global_client.items()}}
+
+    def evaluate(self) -> None:
+        ctx = self.ctx
+        evals = {}
+        for key, state in self.global_client.items():
+            m = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))
+            m[0].load_state_dict(state)
+            m[1].load_state_dict(self.global_server)
+            m.eval()
+            evals[key] = m
+        for c in ctx.clients:
+            ctx.evaluate_client(c, evals[c.key])

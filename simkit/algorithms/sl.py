@@ -1,0 +1,125 @@
+"""Vanilla split learning (Gupta & Raskar 2018; Vepakomma et al. 2018), with the weight relay.
+
+Clients take turns, in fleet order, each round. A client's turn: it receives the client-part
+weights from the previous client that finished a turn (the "relay"; a network transfer between
+the two devices), then for every mini-batch of ``local_epochs`` passes over its data:
+
+1. client forward (computed on the client device);
+2. activations + labels up to the server;
+3. server forward, loss, backward, update (on the server, queued on its slots);
+4. gradient of the activations down to the client;
+5. client backward and update.
+
+Drop-out policy: a client that goes off mid-turn loses the weights of that turn (the next client
+receives them from the last client that finished); the server updates already made stay. The
+dropout is recorded. In the "mixed" workload each dataset group relays its own backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, tensor_bytes
+
+
+def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
+               *, tag: str = ""):
+    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``)."""
+    b = int(idx.shape[0])
+    cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
+    sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
+    x, y = c.x_train[idx], c.y_train[idx]
+    server = ctx.world.server
+    box = {}
+
+    def forward():
+        copt.zero_grad(set_to_none=True)
+        box["a"] = cmodel(x)
+        return box["a"].detach()
+
+    act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward)
+    yield ctx.send(c.device, server, tensor_bytes(act) + tensor_bytes(y), "act_up")
+
+    def server_step():
+        a = act.clone().requires_grad_(True)
+        sopt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(smodel(a), y)
+        loss.backward()
+        sopt.step()
+        return a.grad
+
+    grad = yield from ctx.server_compute(sf.fwd + sf.bwd, "server_step", server_step)
+    yield ctx.send(server, c.device, tensor_bytes(grad), "grad_down")
+
+    def backward():
+        box["a"].backward(grad)
+        copt.step()
+
+    yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward)
+
+
+class SplitLearning(Algorithm):
+    name = "sl"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.client_state = {k: copy.deepcopy(m.state_dict()) for k, m in ctx.client_templates.items()}
+        self.holder: dict[str, ClientRuntime | None] = {k: None for k in ctx.client_templates}
+        self.server = copy.deepcopy(ctx.server_template)
+        self.server_opt = ctx.optimizer(self.server.parameters())
+        self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
+        self.workers: dict[str, nn.Module] = {k: copy.deepcopy(m) for k, m in ctx.client_templates.items()}
+
+    def run(self):
+        ctx, env, spec = self.ctx, self.ctx.env, self.spec
+        for rnd in range(spec.rounds):
+            ctx.recorder.round = rnd
+            start = env.now
+            served = 0
+            for c in ctx.clients:
+                if not ctx.available(c, rnd):
+                    continue
+                ok = yield from self.turn(c, rnd)
+                served += ok
+            ctx.recorder.round_done(start, env.now, served)
+            self.maybe_evaluate(rnd)
+
+    def turn(self, c: ClientRuntime, rnd: int):
+        ctx, spec = self.ctx, self.spec
+        try:
+            prev = self.holder[c.key]
+            if prev is not None and prev is not c:
+                yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")
+            model = self.workers[c.key]
+            model.load_state_dict(self.client_state[c.key])
+            opt = ctx.optimizer(model.parameters())
+            for e in range(spec.local_epochs):
+                for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
+                    yield from split_step(ctx, c, model, opt, self.server, self.server_opt, idx)
+            self.client_state[c.key] = copy.deepcopy(model.state_dict())
+            self.holder[c.key] = c
+            ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
+            return 1
+        except Unavailable as exc:
+            ctx.dropped(c, exc)
+            return 0
+
+    def final_states(self) -> dict[str, dict]:
+        return {"server": self.server.state_dict(), **{f"client/{k}": v for k, v in self.client_state.items()}}
+
+    def evaluate(self) -> None:
+        ctx = self.ctx
+        self.server.eval()
+        models = {}
+        for key, state in self.client_state.items():
+            m = copy.deepcopy(ctx.client_templates[key])
+            m.load_state_dict(state)
+            m.eval()
+            models[key] = m
+        for c in ctx.clients:
+            ctx.evaluate_client(c, lambda x, m=models[c.key]: self.server(m(x)))
+        self.server.train()

@@ -1,0 +1,118 @@
+"""SplitFed (Thapa et al., AAAI 2022), versions 1 and 2.
+
+``variant="v1"`` (default, "SFL-V1"):
+Each round every available client, in parallel: receives the averaged client part from the
+server, runs split-learning steps against *its own copy* of the server part (the server trains
+the copies in parallel, queued on its ``slots``), then uploads its client part. At the end of the
+round the server averages the client parts (FedAvg, weighted by training-set size) and the
+server-part copies.
+
+``variant="v2"`` ("SFL-V2"): the server keeps ONE server part, trained by every client's requests
+in the order they arrive at the server (simulated time); only client parts are averaged.
+
+Drop-out policy: a client that goes off mid-round is left out of both averages (its server copy
+is discarded); the dropout is recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
+from simkit.algorithms.sl import split_step
+
+
+def _clone(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class SplitFed(Algorithm):
+    name = "splitfed"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.global_client = {k: _clone(m) for k, m in ctx.client_templates.items()}
+        self.global_server = _clone(ctx.server_template)
+        self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
+        self.workers: dict[str, tuple] = {}
+        self.v2 = getattr(self.spec, "variant", "v1") == "v2"
+        if self.v2:
+            self.shared_server = copy.deepcopy(ctx.server_template)
+            self.shared_opt = ctx.optimizer(self.shared_server.parameters())
+
+    def worker(self, c: ClientRuntime):
+        w = self.workers.get(c.name)
+        if w is None:
+            w = (copy.deepcopy(self.ctx.client_templates[c.key]), copy.deepcopy(self.ctx.server_template))
+            self.workers[c.name] = w
+        return w
+
+    def run(self):
+        ctx, env = self.ctx, self.ctx.env
+        for rnd in range(self.spec.rounds):
+            ctx.recorder.round = rnd
+            start = env.now
+            chosen = [c for c in ctx.clients if ctx.available(c, rnd)]
+            done = yield env.all_of([env.process(self.client_round(c, rnd)) for c in chosen])
+            updates = [v for v in done.values() if v is not None]
+            if updates:
+                yield from self.aggregate(updates)
+            ctx.recorder.round_done(start, env.now, len(updates))
+            self.maybe_evaluate(rnd)
+
+    def client_round(self, c: ClientRuntime, rnd: int):
+        ctx, spec = self.ctx, self.spec
+        server = ctx.world.server
+        try:
+            yield ctx.send(server, c.device, self.client_bytes[c.key], "model_down")
+            cmodel, smodel = self.worker(c)
+            cmodel.load_state_dict(self.global_client[c.key])
+            copt = ctx.optimizer(cmodel.parameters())
+            if self.v2:
+                smodel, sopt = self.shared_server, self.shared_opt
+            else:
+                smodel.load_state_dict(self.global_server)
+                sopt = ctx.optimizer(smodel.parameters())
+            for e in range(spec.local_epochs):
+                for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
+                    yield from split_step(ctx, c, cmodel, copt, smodel, sopt, idx)
+            result = (_clone(cmodel), _clone(smodel), c.n_train, c.key)
+            yield ctx.send(c.device, server, self.client_bytes[c.key], "model_up")
+            ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
+            return result
+        except Unavailable as exc:
+            ctx.dropped(c, exc)
+            return None
+
+    def aggregate(self, updates):
+        n_params = 0 if self.v2 else sum(t.numel() for t in self.global_server.values())
+        n_params += sum(t.numel() for s in self.global_client.values() for t in s.values())
+
+        def work():
+            if self.v2:
+                self.global_server = _clone(self.shared_server)
+            else:
+                self.global_server = average_states([u[1] for u in updates], [u[2] for u in updates])
+            for key in self.global_client:
+                group = [u for u in updates if u[3] == key]
+                if group:
+                    self.global_client[key] = average_states([u[0] for u in group], [u[2] for u in group])
+
+        yield from self.ctx.server_compute(2.0 * n_params * len(updates), "aggregate", work)
+
+    def final_states(self) -> dict[str, dict]:
+        return {"server": self.global_server, **{f"client/{k}": v for k, v in self.global_client.items()}}
+
+    def evaluate(self) -> None:
+        ctx = self.ctx
+        server = copy.deepcopy(ctx.server_template)
+        server.load_state_dict(self.global_server)
+        server.eval()
+        models = {}
+        for key, state in self.global_client.items():
+            m = copy.deepcopy(ctx.client_templates[key])
+            m.load_state_dict(state)
+            m.eval()
+            models[key] = m
+        for c in ctx.clients:
+            ctx.evaluate_client(c, lambda x, m=models[c.key]: server(m(x)))

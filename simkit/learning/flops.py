@@ -1,0 +1,115 @@
+"""FLOP counts of real model parts, from torch's own counter.
+
+The simulator charges compute time as ``flops / (peak_flops * efficiency)`` (DESIGN.md §1), so
+the FLOPs come from the actual module at the actual batch shape, counted by
+:class:`torch.utils.flop_counter.FlopCounterMode`:
+
+* it counts the matrix ops (``mm``, ``addmm``, ``bmm``, convolutions and their backward,
+  attention), with **one multiply-add = 2 FLOPs** (so ``Linear(64, 10)`` on a batch of 32 is
+  ``2*32*64*10`` forward FLOPs);
+* elementwise ops (ReLU, pooling, bias add, the loss) are not counted; they are a small
+  share of these models' work and memory-bound anyway.
+
+Forward and backward are counted separately. The backward pass is started with
+``output.sum().backward()``: the gradient that reaches the last layer differs from a
+cross-entropy's, but the matrix ops, and so the count, are identical (the loss itself is
+elementwise and uncounted). A *client* part's input does not require grad, so its first
+layer computes weight gradients only. A *server* part in split learning must send the
+gradient with respect to the cut activation back to the client: count it with
+``input_requires_grad=True``.
+
+Counting never changes the caller's module (it works on a deep copy) and never draws from
+torch's global RNG (the random input comes from a local generator).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["FlopCount", "count_flops", "clear_flop_cache"]
+
+_CACHE: dict[Hashable, "FlopCount"] = {}
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward and one backward pass of a module at one batch shape.
+
+    Attributes:
+        fwd: forward FLOPs (multiply-add = 2).
+        bwd: backward FLOPs (0 if backward was not counted).
+    """
+
+    fwd: int
+    bwd: int
+
+    @property
+    def total(self) -> int:
+        return self.fwd + self.bwd
+
+
+def count_flops(
+    module: nn.Module,
+    input_shape_with_batch: Sequence[int],
+    *,
+    backward: bool = True,
+    input_requires_grad: bool = False,
+    key: Hashable | None = None,
+) -> FlopCount:
+    """Count the FLOPs of ``module`` on a batch of shape ``input_shape_with_batch``.
+
+    Args:
+        module: the model part (its parameters, grads and RNG are left untouched).
+        input_shape_with_batch: full input shape, batch first, e.g. ``(32, 1, 28, 28)``.
+        backward: also count the backward pass (``output.sum().backward()``).
+        input_requires_grad: count the gradient with respect to the input too (server part
+            of split learning, which returns it to the client).
+        key: any hashable (e.g. ``(family, cut, width, "client", shape)``); with a key the
+            result is cached and later calls return the *same* :class:`FlopCount` object.
+            ``None`` counts every time.
+
+    Returns:
+        A :class:`FlopCount`.
+    """
+    if key is not None:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+    result = _count(module, tuple(int(d) for d in input_shape_with_batch), backward, input_requires_grad)
+    if key is not None:
+        _CACHE[key] = result
+    return result
+
+
+def _count(module: nn.Module, shape: tuple[int, ...], backward: bool, input_grad: bool) -> FlopCount:
+    work = copy.deepcopy(module)
+    params = list(work.parameters())
+    ref = params[0] if params else None
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    for p in params:
+        p.grad = None
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+    x.requires_grad_(bool(backward and input_grad))
+    with torch.enable_grad():
+        with FlopCounterMode(display=False) as fwd_counter:
+            out = work(x)
+        bwd = 0
+        if backward and out.requires_grad:
+            with FlopCounterMode(display=False) as bwd_counter:
+                out.sum().backward()
+            bwd = int(bwd_counter.get_total_flops())
+    return FlopCount(fwd=int(fwd_counter.get_total_flops()), bwd=bwd)
+
+
+def clear_flop_cache() -> None:
+    """Forget every cached count."""
+    _CACHE.clear()

@@ -1,0 +1,208 @@
+"""One run: scenario -> world + workload + algorithm -> :class:`RunResult`.
+
+Simulated time is the only clock that affects results; the host wall time of the run is measured
+separately (``host_wall_s``) as profiling data and never feeds back into the simulation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import simpy
+
+from simkit.config import Scenario, load_scenario, scenario_from_dict
+from simkit.errors import SimkitError
+from simkit.metrics import score_row, time_to_target
+from simkit.records import Recorder
+from simkit.rng import SeedTree
+
+SUMMARY_COLUMNS = [
+    "scenario", "algorithm", "seed", "n_clients", "rounds", "accuracy_mean", "accuracy_min", "bytes_up",
+    "bytes_down", "bytes_total", "client_flops_fwd", "client_flops_bwd", "server_flops", "sim_time_s",
+    "time_to_target_s", "target_accuracy", "energy_j_clients", "energy_j_server", "energy_j_total",
+    "c3_score", "clients_finished", "clients_lost", "host_wall_s",
+]
+
+
+@dataclass
+class RunResult:
+    """What one run produced.
+
+    Attributes:
+        summary: one flat row (see :data:`SUMMARY_COLUMNS`, plus ``energy_j_<class>`` per device
+            class and the algorithm's knob values as ``algo_<name>``).
+        clients: one row per client (accuracy, bytes, FLOPs, energy by state, what it finished).
+        rounds: one row per round (simulated start/end, participants, accuracy mean/min).
+        records: the timeline, one DataFrame per record kind (compute, transfer, state, ...).
+        scenario: the resolved scenario.
+        models: the trained weights (``"server"``, ``"client/<dataset>"`` state dicts; empty
+            in the fast what-if mode).
+    """
+
+    summary: dict[str, Any]
+    clients: pd.DataFrame
+    rounds: pd.DataFrame
+    records: dict[str, pd.DataFrame]
+    scenario: Scenario
+    models: dict[str, dict] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([self.summary])
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write ``summary.csv``, ``clients.csv``, ``rounds.csv``, ``timeline_<kind>.csv`` and
+        ``scenario.yaml`` into ``out`` (created if needed)."""
+        import yaml
+
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.summary_frame().to_csv(out / "summary.csv", index=False)
+            self.clients.to_csv(out / "clients.csv", index=False)
+            self.rounds.to_csv(out / "rounds.csv", index=False)
+            for kind, df in self.records.items():
+                if len(df):
+                    df.to_csv(out / f"timeline_{kind}.csv", index=False)
+            (out / "scenario.yaml").write_text(
+                yaml.safe_dump(self.scenario.model_dump(mode="json", by_alias=True), sort_keys=False))
+        except OSError as exc:
+            from simkit.errors import StudyError
+
+            raise StudyError(f"cannot write results: {exc.strerror or exc}", file=str(out)) from None
+        return out
+
+
+def _as_scenario(scenario: Scenario | Mapping | str | os.PathLike) -> Scenario:
+    if isinstance(scenario, Scenario):
+        return scenario
+    if isinstance(scenario, Mapping):
+        return scenario_from_dict(scenario)
+    return load_scenario(scenario)
+
+
+def run(scenario: Scenario | Mapping | str | os.PathLike, *, on_round: Callable[[int, int], None] | None = None,
+        score_fn=None) -> RunResult:
+    """Simulate one scenario and return its :class:`RunResult`.
+
+    Args:
+        scenario: a Scenario, a mapping, or a path to a scenario YAML.
+        on_round: called as ``on_round(done_rounds, total_rounds)`` after each round (progress).
+        score_fn: optional user C3-Score function (see :func:`simkit.metrics.c3_score`).
+    """
+    import torch
+
+    from simkit.algorithms import REGISTRY
+    from simkit.algorithms.base import Context
+    from simkit.world.fleet import build_world
+
+    sc = _as_scenario(scenario)
+    host_start = time.perf_counter()
+    if sc.torch_threads:
+        torch.set_num_threads(sc.torch_threads)
+    if sc.workload.torch_device.startswith("cuda") and not torch.cuda.is_available():
+        raise SimkitError("the scenario asks for a CUDA device but none is available", field="workload.torch_device")
+    seeds = SeedTree(sc.seed)
+    env = simpy.Environment()
+    recorder = Recorder(timeline=sc.record_timeline)
+    world = build_world(sc, env=env, recorder=recorder, seeds=seeds)
+    ctx = Context(sc, world, recorder, seeds)
+    algo = REGISTRY[sc.algorithm.name](ctx)
+    if on_round is not None:
+        orig = algo.maybe_evaluate
+
+        def progress(rnd: int, _orig=orig) -> None:
+            _orig(rnd)
+            on_round(rnd + 1, sc.algorithm.rounds)
+
+        algo.maybe_evaluate = progress
+    proc = env.process(algo.run())
+    env.run(until=proc)
+    host_wall = time.perf_counter() - host_start
+    result = _build_result(sc, ctx, world, recorder, host_wall, score_fn)
+    result.models = algo.final_states()
+    return result
+
+
+def _build_result(sc: Scenario, ctx, world, recorder: Recorder, host_wall: float, score_fn) -> RunResult:
+    records = recorder.frames()
+    ev = records["eval"]
+    last_round = int(ev["round"].max()) if len(ev) else -1
+    final = ev[ev["round"] == last_round]
+    per_round_acc = ev.groupby("round").agg(time=("time", "max"), accuracy_mean=("accuracy", "mean"),
+                                            accuracy_min=("accuracy", "min")).reset_index() if len(ev) else None
+
+    client_nodes = {world.clients[n].node for n in world.clients}
+    bytes_up = sum(recorder.bytes_sent.get(n, 0.0) for n in client_nodes)
+    bytes_down = recorder.bytes_sent.get(world.server.node, 0.0)
+
+    energy = {name: dev.meter.snapshot() for name, dev in world.devices.items()}
+    client_energy = sum(sum(e.values()) for n, e in energy.items() if n in world.clients)
+    server_energy = sum(energy["server"].values())
+
+    lost = sorted(n for n, d in world.clients.items() if d.dead)
+    spec = sc.algorithm
+    summary: dict[str, Any] = {
+        "scenario": sc.name,
+        "algorithm": spec.name,
+        "seed": sc.seed,
+        "n_clients": len(world.clients),
+        "rounds": spec.rounds,
+        "accuracy_mean": float(final["accuracy"].mean()) if len(final) else float("nan"),
+        "accuracy_min": float(final["accuracy"].min()) if len(final) else float("nan"),
+        "bytes_up": float(bytes_up),
+        "bytes_down": float(bytes_down),
+        "bytes_total": float(bytes_up + bytes_down),
+        "client_flops_fwd": float(ctx.flops_client_fwd),
+        "client_flops_bwd": float(ctx.flops_client_bwd),
+        "server_flops": float(ctx.flops_server),
+        "sim_time_s": float(world.env.now),
+        "time_to_target_s": (time_to_target(per_round_acc["time"], per_round_acc["accuracy_mean"],
+                                            spec.target_accuracy) if per_round_acc is not None else None),
+        "target_accuracy": spec.target_accuracy,
+        "energy_j_clients": float(client_energy),
+        "energy_j_server": float(server_energy),
+        "energy_j_total": float(client_energy + server_energy),
+        "clients_finished": int(sum(1 for n in world.clients if ctx.finished.get(n, 0) > 0)),
+        "clients_lost": len(lost),
+        "host_wall_s": float(host_wall),
+    }
+    by_class: dict[str, float] = {}
+    for name, dev in world.clients.items():
+        by_class[dev.profile.name] = by_class.get(dev.profile.name, 0.0) + sum(energy[name].values())
+    for cls_name, j in sorted(by_class.items()):
+        summary[f"energy_j_{cls_name}"] = float(j)
+    summary["c3_score"] = score_row(summary, sc.budgets, score_fn)
+    for k, v in spec.model_dump(by_alias=True).items():
+        if k != "name" and isinstance(v, (int, float, bool, str)):
+            summary[f"algo_{k}"] = v
+
+    rows = []
+    final_by = final.set_index("client") if len(final) else None
+    for c in ctx.clients:
+        dev = c.device
+        e = energy[c.name]
+        row = {
+            "client": c.name, "profile": dev.profile.name, "tech": dev.tech, "dataset": c.key,
+            "n_train": c.n_train, "n_test": int(c.y_test.shape[0]),
+            "accuracy": float(final_by.loc[c.name, "accuracy"]) if final_by is not None else float("nan"),
+            "flops": float(recorder.flops_by_device.get(c.name, 0.0)),
+            "bytes_sent": float(recorder.bytes_sent.get(dev.node, 0.0)),
+            "bytes_received": float(recorder.bytes_received.get(dev.node, 0.0)),
+            "energy_j": float(sum(e.values())),
+            **{f"energy_j_{k}": float(v) for k, v in e.items()},
+            "rounds_finished": int(ctx.finished.get(c.name, 0)),
+            "lost": bool(dev.dead),
+        }
+        rows.append(row)
+    clients = pd.DataFrame(rows)
+    rounds = records["round"].copy()
+    if per_round_acc is not None and len(rounds):
+        rounds = rounds.merge(per_round_acc[["round", "accuracy_mean", "accuracy_min"]], on="round", how="left")
+    return RunResult(summary=summary, clients=clients, rounds=rounds, records=records, scenario=sc)

@@ -1,0 +1,1 @@
+"""The simulated world: devices, topology, flow-level network, energy, availability (no torch)."""

@@ -1,0 +1,143 @@
+"""Devices: compute with a queue, on/off state, energy.
+
+``device.compute(flops)`` is the only way simulated compute time passes (DESIGN.md §1): it
+queues on the device's ``slots`` (a ``simpy.Resource``; a client has one slot, a server as many
+as its scenario gives), then lasts
+
+    flops / (peak_flops * efficiency * speed_factor) * slowdown + step_overhead_s
+
+seconds, during which the device's energy meter is in the ``compute`` state. ``speed_factor``
+is the device's seeded lognormal jitter (fixed for the run); ``slowdown`` is a straggler factor
+that a fault may change for an interval (it applies to computes that *start* in the interval).
+
+When a device goes off (battery empty, crash, end of an availability window) every compute it
+is running or queueing is interrupted: the waiting process sees :class:`DeviceOff`. Its energy
+up to that instant is counted; nothing after it.
+"""
+
+from __future__ import annotations
+
+import simpy
+
+from simkit.config import DeviceProfile
+from simkit.records import Recorder
+from simkit.world.energy import EnergyMeter
+
+
+class DeviceOff(Exception):
+    """The device went off while the caller was waiting on it. ``args[0]`` is the device name."""
+
+    def __init__(self, device: str, reason: str = "off"):
+        super().__init__(device, reason)
+        self.device = device
+        self.reason = reason
+
+
+class Device:
+    """A device in the fleet (or the server).
+
+    Args:
+        env: the run's environment.
+        name: unique device name (e.g. ``"rpi4-0"``).
+        profile: its validated device class.
+        node: its node in the topology graph.
+        meter: its energy meter.
+        recorder: where compute and state records go.
+        speed_factor: seeded per-device multiplier on effective FLOP/s (1 = the profile's).
+        slots: parallel compute slots (1 for clients).
+    """
+
+    __slots__ = ("env", "name", "profile", "node", "meter", "recorder", "speed_factor", "slots",
+                 "effective_flops", "overhead", "resource", "on", "dead", "slowdown", "_running",
+                 "tech", "on_off_listeners")
+
+    def __init__(self, env: simpy.Environment, name: str, profile: DeviceProfile, *, node, meter: EnergyMeter,
+                 recorder: Recorder, speed_factor: float = 1.0, slots: int = 1, tech: str = ""):
+        self.env = env
+        self.name = name
+        self.profile = profile
+        self.node = node
+        self.meter = meter
+        self.recorder = recorder
+        self.speed_factor = float(speed_factor)
+        self.slots = int(slots)
+        self.effective_flops = profile.peak_flops * profile.efficiency * self.speed_factor
+        self.overhead = profile.step_overhead_s
+        self.resource = simpy.Resource(env, capacity=self.slots)
+        self.on = True
+        self.dead = False
+        self.slowdown = 1.0
+        self._running: set = set()
+        self.tech = tech
+        self.on_off_listeners: list = []
+
+    # -- compute -----------------------------------------------------------------------------
+    def compute_time(self, flops: float) -> float:
+        """Simulated seconds one compute of ``flops`` FLOPs takes once it holds a slot."""
+        return flops / self.effective_flops * self.slowdown + self.overhead
+
+    def compute(self, flops: float, tag: str = "", work=None) -> simpy.Process:
+        """An event that succeeds when ``flops`` FLOPs have been computed on this device.
+
+        ``work`` (optional, no arguments) is the real computation: it runs at the simulated
+        instant the device starts this compute (after queueing for a slot), so shared state it
+        changes (server weights) changes in simulated-time order. Its return value is the
+        event's value. Fails with :class:`DeviceOff` if the device is (or goes) off first.
+        """
+        return self.env.process(self._compute(float(flops), tag, work))
+
+    def _compute(self, flops: float, tag: str, work):
+        env = self.env
+        if not self.on:
+            raise DeviceOff(self.name, "off")
+        proc = env.active_process
+        self._running.add(proc)
+        req = self.resource.request()
+        started = None
+        try:
+            yield req
+            started = env.now
+            value = work() if work is not None else None
+            self.meter.begin("compute")
+            try:
+                yield env.timeout(self.compute_time(flops))
+            finally:
+                self.meter.end("compute")
+            self.recorder.compute(self.name, started, env.now, flops, tag)
+            return value
+        except simpy.Interrupt as intr:
+            if started is not None:
+                self.recorder.compute(self.name, started, env.now, flops, tag, status="interrupted")
+            raise DeviceOff(self.name, str(intr.cause)) from None
+        finally:
+            self.resource.release(req)
+            self._running.discard(proc)
+
+    # -- on / off ----------------------------------------------------------------------------
+    def power_off(self, reason: str, *, permanent: bool = False) -> None:
+        """Switch the device off now: energy stops, running computes are interrupted."""
+        if self.dead or not self.on:
+            if permanent:
+                self.dead = True
+            return
+        self.on = False
+        self.dead = permanent
+        self.meter.power_off()
+        self.recorder.state(self.name, self.env.now, "off", reason)
+        for proc in list(self._running):
+            if proc.is_alive:
+                proc.interrupt(reason)
+        for listener in self.on_off_listeners:
+            listener(self, False, reason)
+
+    def power_on(self, reason: str = "") -> None:
+        if self.dead or self.on:
+            return
+        self.on = True
+        self.meter.power_on()
+        self.recorder.state(self.name, self.env.now, "on", reason)
+        for listener in self.on_off_listeners:
+            listener(self, True, reason)
+
+    def __repr__(self) -> str:
+        return f"Device({self.name!r}, {self.profile.name}, node={self.node!r})"

@@ -1,0 +1,224 @@
+"""Devices, energy and availability: exact, hand-computed timelines and joules."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simkit.config import DeviceProfile, PowerSpec
+from simkit.errors import TraceError
+from simkit.records import Recorder
+from simkit.world.availability import Availability, load_trace
+from simkit.world.devices import Device, DeviceOff
+from simkit.world.energy import EnergyMeter
+
+PROFILE = DeviceProfile(name="toy", peak_flops=1e9, efficiency=0.5, memory_bytes=1e9, step_overhead_s=0.01,
+                        power=PowerSpec(idle_w=1.0, compute_w=4.0))
+
+
+def make_device(env, **kw):
+    meter = EnergyMeter(env, idle_w=1.0, compute_w=4.0, **kw)
+    return Device(env, "d0", PROFILE, node="d0", meter=meter, recorder=Recorder())
+
+
+def test_compute_time_is_flops_over_effective_speed_plus_overhead(env, log):
+    dev = make_device(env)
+
+    def proc():
+        yield dev.compute(1e9, "x")
+        log.append(env.now)
+
+    env.process(proc())
+    env.run()
+    # 1e9 FLOPs / (1e9 FLOP/s * 0.5) + 0.01 s
+    assert log == [pytest.approx(2.01, rel=1e-12)]
+
+
+def test_compute_queues_when_busy(env, log):
+    dev = make_device(env)
+
+    def job(name, flops):
+        yield dev.compute(flops, name)
+        log.append((name, env.now))
+
+    env.process(job("a", 1e9))
+    env.process(job("b", 0.5e9))
+    env.run()
+    assert log == [("a", pytest.approx(2.01)), ("b", pytest.approx(2.01 + 1.01))]
+
+
+def test_work_runs_at_the_instant_the_slot_is_taken(env, log):
+    dev = make_device(env)
+
+    def job(name):
+        val = yield dev.compute(1e9, name, work=lambda: (log.append((name, env.now)), name)[1])
+        assert val == name
+
+    env.process(job("a"))
+    env.process(job("b"))
+    env.run()
+    assert log == [("a", 0.0), ("b", pytest.approx(2.01))]
+
+
+def test_exact_joules_compute_upload_idle_and_cellular_tail(env):
+    # idle 1 W, compute +4 W, LTE-like radio: tx +3.9 W, tail 1.0 W for 11.6 s
+    m = EnergyMeter(env, idle_w=1.0, compute_w=4.0, tx_w=3.9, rx_w=1.96, tail_w=1.0, tail_s=11.6)
+
+    def proc():
+        m.begin("compute")
+        yield env.timeout(2.0)
+        m.end("compute")
+        m.begin("tx")
+        yield env.timeout(1.0)
+        m.end("tx")
+        yield env.timeout(17.0)
+
+    env.process(proc())
+    env.run()
+    j = m.snapshot()
+    assert j["idle"] == pytest.approx(20.0)
+    assert j["compute"] == pytest.approx(8.0)
+    assert j["tx"] == pytest.approx(3.9)
+    assert j["tail"] == pytest.approx(11.6)
+    assert j["rx"] == 0.0
+    assert m.total_j == pytest.approx(20 + 8 + 3.9 + 11.6)
+
+
+def test_tail_is_cut_short_by_a_new_transfer_and_restarts_after_it(env):
+    m = EnergyMeter(env, idle_w=0.0, compute_w=0.0, tx_w=2.0, rx_w=1.0, tail_w=1.0, tail_s=10.0)
+
+    def proc():
+        m.begin("tx")
+        yield env.timeout(1.0)
+        m.end("tx")          # tail 1..11, but ...
+        yield env.timeout(4.0)
+        m.begin("rx")        # ... a download at 5 ends it
+        yield env.timeout(2.0)
+        m.end("rx")          # new tail 7..17
+        yield env.timeout(30.0)
+
+    env.process(proc())
+    env.run()
+    j = m.snapshot()
+    assert j["tx"] == pytest.approx(2.0)
+    assert j["rx"] == pytest.approx(2.0)
+    assert j["tail"] == pytest.approx(4.0 + 10.0)
+
+
+def test_battery_empties_at_the_computed_instant_and_device_goes_off(env, log):
+    meter = EnergyMeter(env, idle_w=1.0, compute_w=4.0, battery_j=12.0)
+    dev = Device(env, "d0", PROFILE, node="d0", meter=meter, recorder=Recorder())
+    meter.on_empty = lambda: (log.append(("empty", env.now)), dev.power_off("battery_empty", permanent=True))
+
+    def job():
+        try:
+            yield dev.compute(1e10, "long")  # would take 20 s
+        except DeviceOff:
+            log.append(("interrupted", env.now))
+
+    env.process(job())
+    env.run(until=50)
+    # power is 5 W while computing: 12 J last 2.4 s
+    assert log == [("empty", pytest.approx(2.4)), ("interrupted", pytest.approx(2.4))]
+    assert meter.total_j == pytest.approx(12.0)
+    assert dev.dead and not dev.on
+
+
+def test_battery_accounts_for_power_falling_when_the_tail_ends(env, log):
+    meter = EnergyMeter(env, idle_w=1.0, compute_w=0.0, tx_w=0.0, tail_w=1.0, tail_s=2.0, battery_j=10.0)
+    meter.on_empty = lambda: log.append(env.now)
+
+    def proc():
+        meter.begin("tx")
+        yield env.timeout(1.0)
+        meter.end("tx")  # 1 J used; tail 2 W for 2 s -> 5 J at t=3; then 1 W -> empty at t=8
+
+    env.process(proc())
+    env.run(until=100)
+    assert log == [pytest.approx(8.0)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["compute", "tx", "rx"]), st.floats(0, 5), st.floats(0, 5)),
+                min_size=1, max_size=12),
+       st.floats(0, 3), st.floats(0, 3), st.floats(0, 20))
+def test_energy_never_negative_and_at_least_idle_times_duration(intervals, idle, tail_w, tail_s):
+    import simpy
+
+    env = simpy.Environment()
+    m = EnergyMeter(env, idle_w=idle, compute_w=2.0, tx_w=1.5, rx_w=0.5, tail_w=tail_w, tail_s=tail_s)
+
+    def span(state, start, dur):
+        yield env.timeout(start)
+        m.begin(state)
+        yield env.timeout(dur)
+        m.end(state)
+
+    for state, start, dur in intervals:
+        env.process(span(state, start, dur))
+    env.run()
+    end = env.now
+    j = m.snapshot()
+    assert all(v >= 0 for v in j.values())
+    assert m.total_j >= idle * end - 1e-9
+    # upper bound: everything on all the time
+    assert m.total_j <= (idle + 2.0 * 12 + 1.5 + 0.5 + tail_w) * end + 1e-9
+
+
+def write(tmp_path, text, name="trace.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_trace_loads_and_drives_device_on_off(env, tmp_path, log):
+    p = write(tmp_path, "device,start_s,end_s\nd0,5,10\nd0,20,30\n")
+    from simkit.config import AvailabilitySpec
+
+    av = Availability(AvailabilitySpec(kind="trace", trace=str(p)), 0, ["d0", "d1"])
+    dev = make_device(env)
+    dev.recorder = Recorder()
+    av.trace_process(env, dev)
+
+    def watch():
+        for t in [1, 6, 12, 25, 31]:
+            yield env.timeout(t - env.now)
+            log.append((t, dev.on))
+
+    env.process(watch())
+    env.run(until=40)
+    assert log == [(1, False), (6, True), (12, False), (25, True), (31, False)]
+    # idle energy only while on: 5 + 10 s
+    assert dev.meter.snapshot()["idle"] == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("text,field", [
+    ("dev,start,end\nd0,1,2\n", "line 1"),
+    ("device,start_s,end_s\nd0,1\n", "line 2"),
+    ("device,start_s,end_s\nd0,abc,2\n", "line 2"),
+    ("device,start_s,end_s\nd0,5,2\n", "line 2"),
+    ("device,start_s,end_s\nd0,nan,2\n", "line 2"),
+    ("device,start_s,end_s\nd0,0,5\nd0,4,8\n", "windows"),
+    ("device,start_s,end_s\nghost,0,5\n", "device"),
+])
+def test_malformed_trace_rows_give_clear_errors(tmp_path, text, field):
+    p = write(tmp_path, text)
+    with pytest.raises(TraceError) as info:
+        load_trace(p, ["d0"])
+    assert str(p) in str(info.value) and field in str(info.value)
+
+
+def test_dropout_is_seeded_and_order_independent():
+    from simkit.config import AvailabilitySpec
+
+    spec = AvailabilitySpec(kind="dropout", dropout_p=0.3)
+    a = Availability(spec, 7, [f"d{i}" for i in range(50)])
+    b = Availability(spec, 7, [f"d{i}" for i in range(50)])
+    first = [a.drops_round(f"d{i}", r) for i in range(50) for r in range(4)]
+    second = [b.drops_round(f"d{i}", r) for r in reversed(range(4)) for i in range(50)]
+    assert first == [second[(3 - r) * 50 + i] for i in range(50) for r in range(4)]
+    rate = sum(first) / len(first)
+    assert 0.2 < rate < 0.4
+    c = Availability(spec, 8, [f"d{i}" for i in range(50)])
+    assert [c.drops_round(f"d{i}", 0) for i in range(50)] != [a.drops_round(f"d{i}", 0) for i in range(50)]
