@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from simkit.errors import ConfigError, ProfileError, SimkitError
 
@@ -373,6 +373,12 @@ class Scenario(Spec):
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
     torch_threads: Annotated[int, Field(ge=1)] | None = None
     record_timeline: bool = True
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """The file this scenario was loaded from (None if built in Python)."""
+        return self._source
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -479,7 +485,9 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     path = Path(path)
     data = read_yaml(path)
     data = _resolve_relative(data, path.parent)
-    return scenario_from_dict(data, file=str(path))
+    sc = scenario_from_dict(data, file=str(path))
+    sc._source = str(path)
+    return sc
 
 
 def _resolve_relative(data: dict, base: Path) -> dict:

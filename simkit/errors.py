@@ -7,6 +7,8 @@ can print one clear line instead of a traceback from deep inside a library.
 
 from __future__ import annotations
 
+import contextlib
+
 
 class SimkitError(Exception):
     """Base class of every error simkit raises for bad input or an impossible scenario.
@@ -23,6 +25,9 @@ class SimkitError(Exception):
         self.field = field
         super().__init__(self._message())
 
+    def __str__(self) -> str:
+        return self._message()
+
     def _message(self) -> str:
         where = []
         if self.file:
@@ -31,6 +36,19 @@ class SimkitError(Exception):
             where.append(f"field '{self.field}'")
         prefix = ": ".join(where)
         return f"{prefix}: {self.reason}" if prefix else self.reason
+
+
+@contextlib.contextmanager
+def naming_file(file: str | None):
+    """Inside this block, a SimkitError raised without a file is given ``file`` (the scenario
+    it came from), so an error found while building the world still names its source."""
+    try:
+        yield
+    except SimkitError as exc:
+        if exc.file is None and file is not None:
+            exc.file = str(file)
+            exc.args = (exc._message(),)
+        raise
 
 
 class ConfigError(SimkitError):

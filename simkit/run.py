@@ -17,7 +17,7 @@ import pandas as pd
 import simpy
 
 from simkit.config import Scenario, load_scenario, scenario_from_dict
-from simkit.errors import SimkitError
+from simkit.errors import SimkitError, naming_file
 from simkit.metrics import score_row, time_to_target
 from simkit.records import Recorder
 from simkit.rng import SeedTree
@@ -112,7 +112,8 @@ def run(scenario: Scenario | Mapping | str | os.PathLike, *, on_round: Callable[
     env = simpy.Environment()
     recorder = Recorder(timeline=sc.record_timeline)
     world = build_world(sc, env=env, recorder=recorder, seeds=seeds)
-    ctx = Context(sc, world, recorder, seeds)
+    with naming_file(sc.source):
+        ctx = Context(sc, world, recorder, seeds)
     algo = REGISTRY[sc.algorithm.name](ctx)
     if on_round is not None:
         orig = algo.maybe_evaluate

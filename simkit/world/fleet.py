@@ -13,7 +13,7 @@ from functools import lru_cache
 import simpy
 
 from simkit.config import PROFILES_DIR, DeviceProfile, Scenario, load_profiles
-from simkit.errors import ConfigError, ProfileError
+from simkit.errors import ConfigError, ProfileError, naming_file
 from simkit.records import Recorder
 from simkit.rng import SeedTree
 from simkit.world.availability import Availability
@@ -65,7 +65,16 @@ def fleet_names(scenario: Scenario) -> list[tuple[str, str]]:
 
 def build_world(scenario: Scenario, *, env: simpy.Environment, recorder: Recorder, seeds: SeedTree,
                 profiles: dict[str, DeviceProfile] | None = None) -> World:
-    """Construct devices, topology, network and energy meters for ``scenario``."""
+    """Construct devices, topology, network and energy meters for ``scenario``.
+
+    Errors name the scenario's file when the problem is in the scenario itself.
+    """
+    with naming_file(scenario.source):
+        return _build_world(scenario, env=env, recorder=recorder, seeds=seeds, profiles=profiles)
+
+
+def _build_world(scenario: Scenario, *, env: simpy.Environment, recorder: Recorder, seeds: SeedTree,
+                 profiles: dict[str, DeviceProfile] | None = None) -> World:
     profiles = profiles if profiles is not None else get_profiles()
     fleet = scenario.fleet
     access = scenario.topology.access_specs()

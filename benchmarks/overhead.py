@@ -1,0 +1,168 @@
+"""Co-simulation overhead: the same training steps as a bare PyTorch loop and inside simkit.
+
+Both sides use the same clients, data tensors, model, batch order and number of steps (they are
+built by the same simkit code, untimed); only the timed part differs:
+
+- **bare**: plain Python loops doing the steps (FedAvg: per client local epochs then a weighted
+  average; SL: clients in turn, split forward/backward through the server part, weight relay);
+- **simkit**: ``env.run()`` of the algorithm's SimPy processes (compute and transfer events,
+  max-min network, energy integration, records, FLOP lookups).
+
+Each repetition times bare and simkit back to back (order alternating), so the ratio is paired.
+
+Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import time
+
+import simpy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simkit import scenario_from_dict
+from simkit.algorithms import REGISTRY
+from simkit.algorithms.base import Context, average_states
+from simkit.records import Recorder
+from simkit.rng import SeedTree
+from simkit.world.fleet import build_world
+
+
+def scenario(algo: str, n: int, rounds: int) -> dict:
+    return {
+        "name": f"overhead-{algo}-{n}",
+        "fleet": {"counts": {"rpi4": n // 2, "phone-midrange": n - n // 2}},
+        "topology": {"kind": "two_tier", "gateways": 2},
+        "workload": {"dataset": "digits", "batch_size": 32 if n <= 20 else 8,
+                     "max_samples": max(40, 1700 // n)},
+        "algorithm": {"name": algo, "rounds": rounds, "lr": 0.05, "eval_every": rounds},
+    }
+
+
+def build(sc_dict):
+    sc = scenario_from_dict(sc_dict)
+    seeds = SeedTree(sc.seed)
+    env = simpy.Environment()
+    rec = Recorder(timeline=True)
+    world = build_world(sc, env=env, recorder=rec, seeds=seeds)
+    ctx = Context(sc, world, rec, seeds)
+    return sc, env, ctx
+
+
+def bare_fedavg(ctx: Context, rounds: int) -> None:
+    key = ctx.clients[0].key
+    glob = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))
+    workers = {c.name: copy.deepcopy(glob) for c in ctx.clients}
+    gstate = {k: v.clone() for k, v in glob.state_dict().items()}
+    for rnd in range(rounds):
+        states, weights = [], []
+        for c in ctx.clients:
+            m = workers[c.name]
+            m.load_state_dict(gstate)
+            opt = ctx.optimizer(m.parameters())
+            for idx in ctx.epoch_order(c, rnd):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(c.x_train[idx]), c.y_train[idx]).backward()
+                opt.step()
+            states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            weights.append(c.n_train)
+        gstate = average_states(states, weights)
+    glob.load_state_dict(gstate)
+    with torch.no_grad():
+        for c in ctx.clients:
+            glob(c.x_test).argmax(1)
+
+
+def bare_sl(ctx: Context, rounds: int) -> None:
+    key = ctx.clients[0].key
+    cstate = copy.deepcopy(ctx.client_templates[key].state_dict())
+    cm = copy.deepcopy(ctx.client_templates[key])
+    server = copy.deepcopy(ctx.server_template)
+    sopt = ctx.optimizer(server.parameters())
+    for rnd in range(rounds):
+        for c in ctx.clients:
+            cm.load_state_dict(cstate)
+            copt = ctx.optimizer(cm.parameters())
+            for idx in ctx.epoch_order(c, rnd):
+                copt.zero_grad(set_to_none=True)
+                a = cm(c.x_train[idx])
+                s = a.detach().clone().requires_grad_(True)
+                sopt.zero_grad(set_to_none=True)
+                F.cross_entropy(server(s), c.y_train[idx]).backward()
+                sopt.step()
+                a.backward(s.grad)
+                copt.step()
+            cstate = copy.deepcopy(cm.state_dict())
+    with torch.no_grad():
+        cm.load_state_dict(cstate)
+        for c in ctx.clients:
+            server(cm(c.x_test)).argmax(1)
+
+
+BARE = {"fedavg": bare_fedavg, "sl": bare_sl}
+
+
+def time_bare(algo, n, rounds) -> float:
+    sc, env, ctx = build(scenario(algo, n, rounds))
+    gc.collect()
+    t = time.perf_counter()
+    BARE[algo](ctx, rounds)
+    return time.perf_counter() - t
+
+
+def time_simkit(algo, n, rounds) -> tuple[float, int]:
+    sc, env, ctx = build(scenario(algo, n, rounds))
+    alg = REGISTRY[algo](ctx)
+    gc.collect()
+    t = time.perf_counter()
+    env.run(until=env.process(alg.run()))
+    dt = time.perf_counter() - t
+    steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
+    return dt, steps
+
+
+def stats(xs):
+    return min(xs), statistics.median(xs), max(xs)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--clients", type=int, nargs="*", default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    clients = args.clients or ([10] if args.quick else [10, 100])
+    rounds = 1 if args.quick else 2
+    out = {}
+    print(f"{'algo':8} {'N':>4} {'steps':>6} {'bare s (min/med/max)':>24} {'simkit s (min/med/max)':>24} "
+          f"{'ratio simkit/bare (min/med/max)':>32}")
+    for algo in ["fedavg", "sl"]:
+        for n in clients:
+            time_bare(algo, n, 1)  # warm-up: dataset cache, FLOP cache, allocator
+            bare, sim, ratios, steps = [], [], [], 0
+            for rep in range(args.reps):
+                if rep % 2 == 0:
+                    b = time_bare(algo, n, rounds)
+                    s, steps = time_simkit(algo, n, rounds)
+                else:
+                    s, steps = time_simkit(algo, n, rounds)
+                    b = time_bare(algo, n, rounds)
+                bare.append(b)
+                sim.append(s)
+                ratios.append(s / b)
+            fb, fs, fr = stats(bare), stats(sim), stats(ratios)
+            print(f"{algo:8} {n:>4} {steps:>6} {fb[0]:7.3f}/{fb[1]:7.3f}/{fb[2]:7.3f} "
+                  f"{fs[0]:7.3f}/{fs[1]:7.3f}/{fs[2]:7.3f}   {fr[0]:9.3f}/{fr[1]:9.3f}/{fr[2]:9.3f}")
+            out[f"{algo}_n{n}"] = fr[1]
+    return out
+
+
+if __name__ == "__main__":
+    main()
