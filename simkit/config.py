@@ -279,7 +279,12 @@ class ModelSpec(Spec):
 
 
 class WorkloadSpec(Spec):
-    """What is learned: data, partition, model, batch and the torch device to use."""
+    """What is learned: data, partition, model, batch and the torch device to use.
+
+    ``samples_per_client`` (fast what-if mode only, ``train: false``): give every client this many
+    samples instead of partitioning the real dataset, so fleets larger than the dataset can be
+    planned. Without it the fast mode partitions the real data and gets the same sizes as training.
+    """
 
     dataset: str = "digits"
     data_path: str | None = None
@@ -288,6 +293,7 @@ class WorkloadSpec(Spec):
     batch_size: Annotated[int, Field(ge=1)] = 32
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     max_samples: Annotated[int, Field(ge=1)] | None = None
+    samples_per_client: Annotated[int, Field(ge=2)] | None = None
     torch_device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float32"
 
@@ -360,7 +366,18 @@ class BudgetSpec(Spec):
 
 
 class Scenario(Spec):
-    """One simulated run: world + workload + algorithm + seed."""
+    """One simulated run: world + workload + algorithm + seed.
+
+    ``train: false`` is the fast what-if mode: the identical protocol and costs, no tensors.
+    Accuracy then comes from the learning-curve ``surrogate`` (a CSV written by
+    :func:`simkit.surrogate.save_curves` from real runs of the same workload) and is labelled so.
+    """
+
+    @model_validator(mode="after")
+    def _fast_mode_fields(self):
+        if self.train and self.workload.samples_per_client is not None:
+            raise ValueError("workload.samples_per_client is for the fast what-if mode (train: false) only")
+        return self
 
     name: str = "scenario"
     seed: Annotated[int, Field(ge=0)] = 0
@@ -373,6 +390,7 @@ class Scenario(Spec):
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
     torch_threads: Annotated[int, Field(ge=1)] | None = None
     record_timeline: bool = True
+    surrogate: str | None = None
     _source: str | None = PrivateAttr(default=None)
 
     @property
@@ -511,6 +529,8 @@ def _resolve_relative(data: dict, base: Path) -> dict:
                 a["trace"] = fix(a["trace"])
             f["availability"] = a
         data["fleet"] = f
+    if isinstance(data.get("surrogate"), str):
+        data["surrogate"] = fix(data["surrogate"])
     if isinstance(data.get("workload"), Mapping) and "data_path" in data["workload"]:
         w = dict(data["workload"])
         w["data_path"] = fix(w["data_path"])

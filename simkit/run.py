@@ -127,7 +127,7 @@ def run(scenario: Scenario | Mapping | str | os.PathLike, *, on_round: Callable[
     env.run(until=proc)
     host_wall = time.perf_counter() - host_start
     result = _build_result(sc, ctx, world, recorder, host_wall, score_fn)
-    result.models = algo.final_states()
+    result.models = algo.final_states() if sc.train else {}
     return result
 
 
@@ -170,6 +170,7 @@ def _build_result(sc: Scenario, ctx, world, recorder: Recorder, host_wall: float
         "energy_j_clients": float(client_energy),
         "energy_j_server": float(server_energy),
         "energy_j_total": float(client_energy + server_energy),
+        "accuracy_source": ctx.accuracy_source,
         "clients_finished": int(sum(1 for n in world.clients if ctx.finished.get(n, 0) > 0)),
         "clients_lost": len(lost),
         "host_wall_s": float(host_wall),
@@ -191,7 +192,7 @@ def _build_result(sc: Scenario, ctx, world, recorder: Recorder, host_wall: float
         e = energy[c.name]
         row = {
             "client": c.name, "profile": dev.profile.name, "tech": dev.tech, "dataset": c.key,
-            "n_train": c.n_train, "n_test": int(c.y_test.shape[0]),
+            "n_train": c.n_train, "n_test": c.n_test,
             "accuracy": float(final_by.loc[c.name, "accuracy"]) if final_by is not None else float("nan"),
             "flops": float(recorder.flops_by_device.get(c.name, 0.0)),
             "bytes_sent": float(recorder.bytes_sent.get(dev.node, 0.0)),

@@ -46,6 +46,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def batch_len(idx) -> int:
+    """Size of a mini-batch from :meth:`Context.epoch_order` (an index tensor, or an int in fast mode)."""
+    return idx if isinstance(idx, int) else int(idx.shape[0])
+
+
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of a state dict on the wire (every tensor, parameters and buffers)."""
     return sum(tensor_bytes(t) for t in state.values())
@@ -75,15 +80,14 @@ class ClientRuntime:
     device: Device
     data: ClientData
     key: str  # which client-model family it uses (the dataset name; one key unless 'mixed')
+    n_train: int = 0
+    n_test: int = 0
+    input_shape: tuple = ()
     x_train: torch.Tensor = None
     y_train: torch.Tensor = None
     x_test: torch.Tensor = None
     y_test: torch.Tensor = None
     state: dict = field(default_factory=dict)  # per-algorithm scratch (models, optimisers)
-
-    @property
-    def n_train(self) -> int:
-        return int(self.y_train.shape[0])
 
 
 class Context:
@@ -100,6 +104,10 @@ class Context:
         self.dtype = torch.float64 if scenario.workload.dtype == "float64" else torch.float32
         self.batch_size = scenario.workload.batch_size
         self.overhead = scenario.algorithm.message_overhead_bytes
+        self.train = scenario.train
+        self.elem_bytes = 8 if self.dtype == torch.float64 else 4
+        self.accuracy_source = "measured"
+        self._surrogate = None
         self.flops_client_fwd = 0.0
         self.flops_client_bwd = 0.0
         self.flops_server = 0.0
@@ -119,23 +127,29 @@ class Context:
         else:
             data = load_dataset(wl.dataset, path=wl.data_path)
             num_classes = data.num_classes
-        parts = partition(wl.partition, data, len(names), rng, test_fraction=wl.test_fraction,
-                          max_samples=wl.max_samples)
         self.num_classes = num_classes
         self.clients: list[ClientRuntime] = []
-        for i, (name, cd) in enumerate(zip(names, parts)):
-            if cd.y_train.shape[0] < self.batch_size:
-                raise WorkloadError(
-                    f"batch size {self.batch_size} is larger than client {name!r}'s {cd.y_train.shape[0]} "
-                    f"training samples", field="workload.batch_size")
-            c = ClientRuntime(name=name, index=i, device=self.world.clients[name], data=cd, key=cd.dataset)
-            c.x_train = cd.x_train.to(self.tdev, self.dtype)
-            c.y_train = cd.y_train.to(self.tdev)
-            c.x_test = cd.x_test.to(self.tdev, self.dtype)
-            c.y_test = cd.y_test.to(self.tdev)
-            self.clients.append(c)
+        if not self.train and wl.samples_per_client is not None:
+            # fast what-if mode at scale: sizes only, no partition of the real data
+            pools = list(data.values()) if isinstance(data, dict) else [data]
+            groups = np.array_split(np.arange(len(names)), len(pools))
+            n = wl.samples_per_client
+            n_test = int(min(max(1, round(n * wl.test_fraction)), n - 1))
+            key_of = {}
+            for pool, members in zip(pools, groups):
+                for i in members:
+                    key_of[int(i)] = pool
+            for i, name in enumerate(names):
+                pool = key_of[i]
+                self._add_client(i, name, None, pool.name, n - n_test, n_test, pool.input_shape)
+        else:
+            parts = partition(wl.partition, data, len(names), rng, test_fraction=wl.test_fraction,
+                              max_samples=wl.max_samples)
+            for i, (name, cd) in enumerate(zip(names, parts)):
+                self._add_client(i, name, cd, cd.dataset, int(cd.y_train.shape[0]), int(cd.y_test.shape[0]),
+                                 tuple(cd.x_train.shape[1:]))
         self.by_name = {c.name: c for c in self.clients}
-        self.input_shapes = {c.key: tuple(c.x_train.shape[1:]) for c in self.clients}
+        self.input_shapes = {c.key: c.input_shape for c in self.clients}
 
         gen = torch.Generator().manual_seed(self.seeds.int_seed("torch.init"))
         ms = wl.model
@@ -155,12 +169,31 @@ class Context:
         for m in [*self.client_templates.values(), self.server_template]:
             m.to(self.tdev, self.dtype)
 
+    def _add_client(self, i: int, name: str, cd: ClientData | None, key: str, n_train: int, n_test: int,
+                    input_shape: tuple) -> None:
+        if n_train < self.batch_size:
+            raise WorkloadError(f"batch size {self.batch_size} is larger than client {name!r}'s {n_train} "
+                                f"training samples", field="workload.batch_size")
+        c = ClientRuntime(name=name, index=i, device=self.world.clients[name], data=cd, key=key,
+                          n_train=n_train, n_test=n_test, input_shape=input_shape)
+        if self.train:
+            c.x_train = cd.x_train.to(self.tdev, self.dtype)
+            c.y_train = cd.y_train.to(self.tdev)
+            c.x_test = cd.x_test.to(self.tdev, self.dtype)
+            c.y_test = cd.y_test.to(self.tdev)
+        self.clients.append(c)
+
     # -- batches -----------------------------------------------------------------------------
-    def epoch_order(self, client: ClientRuntime, epoch: int) -> list[torch.Tensor]:
-        """Index tensors of the mini-batches of ``client`` in ``epoch`` (seeded, deterministic)."""
+    def epoch_order(self, client: ClientRuntime, epoch: int) -> list:
+        """The mini-batches of ``client`` in ``epoch``: index tensors (seeded, deterministic), or in
+        the fast mode just their sizes (ints; the same sizes, since order does not change them).
+        Use :func:`batch_len` for the size of either."""
+        b = self.batch_size
+        if not self.train:
+            full, rest = divmod(client.n_train, b)
+            return [b] * full + ([rest] if rest else [])
         rng = np.random.default_rng(self.seeds.sequence(f"batches.{client.index}.{epoch}"))
         perm = torch.from_numpy(rng.permutation(client.n_train)).to(self.tdev)
-        b = self.batch_size
         return [perm[i:i + b] for i in range(0, client.n_train, b)]
 
     def steps_per_epoch(self, client: ClientRuntime) -> int:
@@ -177,19 +210,28 @@ class Context:
             self._flop_cache[ck] = fc
         return fc
 
+    def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                  with_labels: bool = True) -> int:
+        """Bytes of a batch's cut activations (and its int64 labels if ``with_labels``): from the
+        real tensors when ``act`` is given (training), else from the cut shape (fast mode). The
+        two agree (tested)."""
+        if act is not None:
+            return tensor_bytes(act) + (tensor_bytes(labels) if (with_labels and labels is not None) else 0)
+        return batch * int(np.prod(self.cut_shape)) * self.elem_bytes + (batch * 8 if with_labels else 0)
+
     def model_bytes(self, module: nn.Module) -> int:
         return model_bytes(module)
 
     def client_compute(self, client: ClientRuntime, fwd: float, bwd: float, tag: str,
                        work: Callable | None = None):
         """A SimPy process: compute fwd+bwd FLOPs on the client's device, counted on success."""
-        value = yield client.device.compute(fwd + bwd, tag, work)
+        value = yield client.device.compute(fwd + bwd, tag, work if self.train else None)
         self.flops_client_fwd += fwd
         self.flops_client_bwd += bwd
         return value
 
     def server_compute(self, flops: float, tag: str, work: Callable | None = None):
-        value = yield self.world.server.compute(flops, tag, work)
+        value = yield self.world.server.compute(flops, tag, work if self.train else None)
         self.flops_server += flops
         return value
 
@@ -220,9 +262,28 @@ class Context:
             return torch.optim.Adam(params, lr=s.lr)
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
 
+    def surrogate_accuracy(self, epochs: float) -> float:
+        """Accuracy predicted by the scenario's learning-curve surrogate after ``epochs`` epochs."""
+        if self._surrogate is None:
+            from simkit.surrogate import load_curve
+
+            self._surrogate = load_curve(self.scenario.surrogate, self.scenario)
+            self.accuracy_source = self._surrogate.label
+        return self._surrogate.predict(epochs)
+
     @torch.no_grad()
-    def evaluate_client(self, client: ClientRuntime, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Accuracy and loss of ``predict`` on ``client``'s own test split, recorded now."""
+    def evaluate_client(self, client: ClientRuntime, predict: Callable[[torch.Tensor], torch.Tensor],
+                        *, epochs: float | None = None) -> None:
+        """Accuracy and loss of ``predict`` on ``client``'s own test split, recorded now.
+
+        In the fast mode (no tensors) the accuracy is the surrogate's prediction after ``epochs``
+        (default: the rounds done so far times ``local_epochs``) and the loss is NaN."""
+        if not self.train:
+            if epochs is None:
+                epochs = (self.recorder.round + 1) * getattr(self.spec, "local_epochs", 1)
+            acc = self.surrogate_accuracy(epochs)
+            self.recorder.eval(client.name, self.env.now, acc, float("nan"), client.n_test)
+            return
         logits = predict(client.x_test)
         loss = float(F.cross_entropy(logits, client.y_test))
         acc = float((logits.argmax(1) == client.y_test).float().mean())

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states, batch_len
 from simkit.learning.losses import proximal_term
 
 
@@ -75,14 +75,16 @@ class FedAvg(Algorithm):
         server = ctx.world.server
         try:
             yield ctx.send(server, c.device, self.whole_bytes[c.key], "model_down")
-            model = self.worker(c)
-            model[0].load_state_dict(self.global_client[c.key])
-            model[1].load_state_dict(self.global_server)
-            opt = ctx.optimizer(model.parameters())
-            anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
+            model = opt = anchor = None
+            if ctx.train:
+                model = self.worker(c)
+                model[0].load_state_dict(self.global_client[c.key])
+                model[1].load_state_dict(self.global_server)
+                opt = ctx.optimizer(model.parameters())
+                anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
             for e in range(spec.local_epochs):
                 for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
-                    b = int(idx.shape[0])
+                    b = batch_len(idx)
                     cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
                     sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
 
@@ -95,7 +97,8 @@ class FedAvg(Algorithm):
                         opt.step()
 
                     yield from ctx.client_compute(c, cf.fwd + sf.fwd, cf.bwd + sf.bwd, "train", step)
-            result = (_clone_state(model[0]), _clone_state(model[1]), c.n_train, c.key)
+            result = ((_clone_state(model[0]), _clone_state(model[1])) if ctx.train else (None, None)) + \
+                (c.n_train, c.key)
             yield ctx.send(c.device, server, self.whole_bytes[c.key], "model_up")
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
             return result
@@ -123,6 +126,10 @@ class FedAvg(Algorithm):
 
     def evaluate(self) -> None:
         ctx = self.ctx
+        if not ctx.train:
+            for c in ctx.clients:
+                ctx.evaluate_client(c, None)
+            return
         evals = {}
         for key, state in self.global_client.items():
             m = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))

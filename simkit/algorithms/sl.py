@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, tensor_bytes
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len, tensor_bytes
 
 
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
                *, tag: str = ""):
     """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``)."""
-    b = int(idx.shape[0])
+    b = batch_len(idx)
     cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
     sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-    x, y = c.x_train[idx], c.y_train[idx]
+    x, y = (c.x_train[idx], c.y_train[idx]) if ctx.train else (None, None)
     server = ctx.world.server
     box = {}
 
@@ -42,7 +42,7 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         return box["a"].detach()
 
     act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward)
-    yield ctx.send(c.device, server, tensor_bytes(act) + tensor_bytes(y), "act_up")
+    yield ctx.send(c.device, server, ctx.act_bytes(b, act=act, labels=y), "act_up")
 
     def server_step():
         a = act.clone().requires_grad_(True)
@@ -53,7 +53,7 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         return a.grad
 
     grad = yield from ctx.server_compute(sf.fwd + sf.bwd, "server_step", server_step)
-    yield ctx.send(server, c.device, tensor_bytes(grad), "grad_down")
+    yield ctx.send(server, c.device, ctx.act_bytes(b, act=grad, with_labels=False), "grad_down")
 
     def backward():
         box["a"].backward(grad)
@@ -95,12 +95,15 @@ class SplitLearning(Algorithm):
             if prev is not None and prev is not c:
                 yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")
             model = self.workers[c.key]
-            model.load_state_dict(self.client_state[c.key])
-            opt = ctx.optimizer(model.parameters())
+            opt = None
+            if ctx.train:
+                model.load_state_dict(self.client_state[c.key])
+                opt = ctx.optimizer(model.parameters())
             for e in range(spec.local_epochs):
                 for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
                     yield from split_step(ctx, c, model, opt, self.server, self.server_opt, idx)
-            self.client_state[c.key] = copy.deepcopy(model.state_dict())
+            if ctx.train:
+                self.client_state[c.key] = copy.deepcopy(model.state_dict())
             self.holder[c.key] = c
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
             return 1
@@ -113,6 +116,10 @@ class SplitLearning(Algorithm):
 
     def evaluate(self) -> None:
         ctx = self.ctx
+        if not ctx.train:
+            for c in ctx.clients:
+                ctx.evaluate_client(c, None)
+            return
         self.server.eval()
         models = {}
         for key, state in self.client_state.items():

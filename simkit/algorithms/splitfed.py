@@ -65,18 +65,25 @@ class SplitFed(Algorithm):
         server = ctx.world.server
         try:
             yield ctx.send(server, c.device, self.client_bytes[c.key], "model_down")
-            cmodel, smodel = self.worker(c)
-            cmodel.load_state_dict(self.global_client[c.key])
-            copt = ctx.optimizer(cmodel.parameters())
-            if self.v2:
+            cmodel = smodel = copt = sopt = None
+            if not ctx.train:
+                pass
+            elif self.v2:
+                cmodel, _ = self.worker(c)
+                cmodel.load_state_dict(self.global_client[c.key])
+                copt = ctx.optimizer(cmodel.parameters())
                 smodel, sopt = self.shared_server, self.shared_opt
             else:
+                cmodel, smodel = self.worker(c)
+                cmodel.load_state_dict(self.global_client[c.key])
+                copt = ctx.optimizer(cmodel.parameters())
                 smodel.load_state_dict(self.global_server)
                 sopt = ctx.optimizer(smodel.parameters())
             for e in range(spec.local_epochs):
                 for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
                     yield from split_step(ctx, c, cmodel, copt, smodel, sopt, idx)
-            result = (_clone(cmodel), _clone(smodel), c.n_train, c.key)
+            result = (_clone(cmodel), None if self.v2 else _clone(smodel), c.n_train, c.key) if ctx.train \
+                else (None, None, c.n_train, c.key)
             yield ctx.send(c.device, server, self.client_bytes[c.key], "model_up")
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
             return result
@@ -105,6 +112,10 @@ class SplitFed(Algorithm):
 
     def evaluate(self) -> None:
         ctx = self.ctx
+        if not ctx.train:
+            for c in ctx.clients:
+                ctx.evaluate_client(c, None)
+            return
         server = copy.deepcopy(ctx.server_template)
         server.load_state_dict(self.global_server)
         server.eval()
