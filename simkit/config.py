@@ -355,6 +355,69 @@ AlgorithmSpec = Annotated[Union[FedAvgSpec, SLSpec, SplitFedSpec, AdaSplitSpec],
 ALGORITHMS = ("fedavg", "fedprox", "sl", "splitfed", "adasplit")
 
 
+# --------------------------------------------------------------------------- faults
+class CrashFault(Spec):
+    """Devices crash for good: the named ``device`` at ``at_s``, or a seeded random ``fraction`` of
+    the clients, each at a uniform random time in ``between_s``. Work in progress is lost, flows
+    are aborted (not delivered), energy up to the crash is counted."""
+
+    kind: Literal["crash"]
+    device: str | None = None
+    at_s: NonNegFloat | None = None
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    between_s: tuple[NonNegFloat, NonNegFloat] = (0.0, 60.0)
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if (self.device is None) == (self.fraction is None):
+            raise ValueError("give either 'device' with 'at_s', or 'fraction' with 'between_s'")
+        if self.device is not None and self.at_s is None:
+            raise ValueError("'device' needs 'at_s'")
+        if self.between_s[1] < self.between_s[0]:
+            raise ValueError("between_s must be [earliest, latest]")
+        return self
+
+
+class ServerDownFault(Spec):
+    """The server starts no new work from ``from_s`` to ``to_s`` (work already running finishes);
+    requests queue and are served, in arrival order, when it is back."""
+
+    kind: Literal["server_down"]
+    from_s: NonNegFloat
+    to_s: NonNegFloat
+
+
+class StragglerFault(Spec):
+    """``device`` computes ``factor`` times slower for computes that start in [from_s, to_s)."""
+
+    kind: Literal["straggler"]
+    device: str
+    factor: Annotated[float, Field(gt=0)]
+    from_s: NonNegFloat = 0.0
+    to_s: NonNegFloat | None = None
+
+
+class LinkDownFault(Spec):
+    """Link ``link`` (both directions) is down from ``from_s`` to ``to_s`` (None: for good)."""
+
+    kind: Literal["link_down"]
+    link: tuple[str, str]
+    from_s: NonNegFloat
+    to_s: NonNegFloat | None = None
+
+
+class BatteryFault(Spec):
+    """``device`` runs on a battery of ``capacity_j`` joules (it goes off for good when empty)."""
+
+    kind: Literal["battery"]
+    device: str
+    capacity_j: PositiveFloat
+
+
+FaultSpec = Annotated[Union[CrashFault, ServerDownFault, StragglerFault, LinkDownFault, BatteryFault],
+                      Field(discriminator="kind")]
+
+
 # --------------------------------------------------------------------------- budgets and scenario
 class BudgetSpec(Spec):
     """Resource budgets for the C3-Score (any may be left out)."""
@@ -391,6 +454,7 @@ class Scenario(Spec):
     torch_threads: Annotated[int, Field(ge=1)] | None = None
     record_timeline: bool = True
     surrogate: str | None = None
+    faults: list[FaultSpec] = Field(default_factory=list)
     _source: str | None = PrivateAttr(default=None)
 
     @property

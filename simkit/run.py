@@ -171,6 +171,8 @@ def _build_result(sc: Scenario, ctx, world, recorder: Recorder, host_wall: float
         "energy_j_server": float(server_energy),
         "energy_j_total": float(client_energy + server_energy),
         "accuracy_source": ctx.accuracy_source,
+        "accuracy_over": (f"{len(world.clients) - len(lost)} of {len(world.clients)} clients"
+                          + (f" ({len(lost)} lost: accuracy over the clients that remain)" if lost else "")),
         "clients_finished": int(sum(1 for n in world.clients if ctx.finished.get(n, 0) > 0)),
         "clients_lost": len(lost),
         "host_wall_s": float(host_wall),
@@ -193,7 +195,8 @@ def _build_result(sc: Scenario, ctx, world, recorder: Recorder, host_wall: float
         row = {
             "client": c.name, "profile": dev.profile.name, "tech": dev.tech, "dataset": c.key,
             "n_train": c.n_train, "n_test": c.n_test,
-            "accuracy": float(final_by.loc[c.name, "accuracy"]) if final_by is not None else float("nan"),
+            "accuracy": (float(final_by.loc[c.name, "accuracy"]) if final_by is not None and c.name in final_by.index
+                         else float("nan")),
             "flops": float(recorder.flops_by_device.get(c.name, 0.0)),
             "bytes_sent": float(recorder.bytes_sent.get(dev.node, 0.0)),
             "bytes_received": float(recorder.bytes_received.get(dev.node, 0.0)),

@@ -278,6 +278,8 @@ class Context:
 
         In the fast mode (no tensors) the accuracy is the surrogate's prediction after ``epochs``
         (default: the rounds done so far times ``local_epochs``) and the loss is NaN."""
+        if client.device.dead:  # accuracy is reported over the clients that remain
+            return
         if not self.train:
             if epochs is None:
                 epochs = (self.recorder.round + 1) * getattr(self.spec, "local_epochs", 1)

@@ -63,7 +63,8 @@ class Device:
         self.slots = int(slots)
         self.effective_flops = profile.peak_flops * profile.efficiency * self.speed_factor
         self.overhead = profile.step_overhead_s
-        self.resource = simpy.Resource(env, capacity=self.slots)
+        # a PriorityResource so a server_down fault can take every slot ahead of queued work
+        self.resource = simpy.PriorityResource(env, capacity=self.slots)
         self.on = True
         self.dead = False
         self.slowdown = 1.0

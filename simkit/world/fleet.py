@@ -55,6 +55,12 @@ class World:
         return self.network.transfer(src.node, dst.node, nbytes, tag=tag)
 
 
+def _world_view(env, clients, server, network, placement, recorder, devices):
+    """A World without availability yet (faults need devices, network and placement only)."""
+    return World(env=env, clients=clients, server=server, network=network, placement=placement,
+                 recorder=recorder, availability=None, devices=devices)
+
+
 def fleet_names(scenario: Scenario) -> list[tuple[str, str]]:
     """(device name, profile name) of every client, in fleet order."""
     out = []
@@ -150,6 +156,9 @@ def _build_world(scenario: Scenario, *, env: simpy.Environment, recorder: Record
             raise ConfigError(f"no link {u!r}-{v!r} in the topology", field="topology.failures.link")
         network.schedule_link_failure(u, v, failure.down_at_s, failure.up_at_s)
 
+    from simkit.world.faults import install_faults
+
+    install_faults(_world_view(env, clients, server, network, placement, recorder, devices), scenario.faults, seeds)
     availability = Availability(fleet.availability, scenario.seed, list(clients))
     for dev in clients.values():
         availability.trace_process(env, dev)
