@@ -168,6 +168,7 @@ class Context:
             self.cut_shape = tuple(sm.cut_shape)
         for m in [*self.client_templates.values(), self.server_template]:
             m.to(self.tdev, self.dtype)
+        self._cut_numel = int(np.prod(self.cut_shape))
 
     def _add_client(self, i: int, name: str, cd: ClientData | None, key: str, n_train: int, n_test: int,
                     input_shape: tuple) -> None:
@@ -217,7 +218,7 @@ class Context:
         two agree (tested)."""
         if act is not None:
             return tensor_bytes(act) + (tensor_bytes(labels) if (with_labels and labels is not None) else 0)
-        return batch * int(np.prod(self.cut_shape)) * self.elem_bytes + (batch * 8 if with_labels else 0)
+        return batch * self._cut_numel * self.elem_bytes + (batch * 8 if with_labels else 0)
 
     def model_bytes(self, module: nn.Module) -> int:
         return model_bytes(module)
@@ -225,13 +226,13 @@ class Context:
     def client_compute(self, client: ClientRuntime, fwd: float, bwd: float, tag: str,
                        work: Callable | None = None):
         """A SimPy process: compute fwd+bwd FLOPs on the client's device, counted on success."""
-        value = yield client.device.compute(fwd + bwd, tag, work if self.train else None)
+        value = yield from client.device.computing(fwd + bwd, tag, work if self.train else None)
         self.flops_client_fwd += fwd
         self.flops_client_bwd += bwd
         return value
 
     def server_compute(self, flops: float, tag: str, work: Callable | None = None):
-        value = yield self.world.server.compute(flops, tag, work if self.train else None)
+        value = yield from self.world.server.computing(flops, tag, work if self.train else None)
         self.flops_server += flops
         return value
 

@@ -17,6 +17,8 @@ up to that instant is counted; nothing after it.
 
 from __future__ import annotations
 
+from collections import deque
+
 import simpy
 
 from simkit.config import DeviceProfile
@@ -48,7 +50,7 @@ class Device:
     """
 
     __slots__ = ("env", "name", "profile", "node", "meter", "recorder", "speed_factor", "slots",
-                 "effective_flops", "overhead", "resource", "on", "dead", "slowdown", "_running",
+                 "effective_flops", "overhead", "busy", "_queue", "_urgent", "on", "dead", "slowdown", "_running",
                  "tech", "on_off_listeners")
 
     def __init__(self, env: simpy.Environment, name: str, profile: DeviceProfile, *, node, meter: EnergyMeter,
@@ -63,14 +65,55 @@ class Device:
         self.slots = int(slots)
         self.effective_flops = profile.peak_flops * profile.efficiency * self.speed_factor
         self.overhead = profile.step_overhead_s
-        # a PriorityResource so a server_down fault can take every slot ahead of queued work
-        self.resource = simpy.PriorityResource(env, capacity=self.slots)
+        self.busy = 0
+        self._queue: deque = deque()   # waiting compute requests, FIFO
+        self._urgent: deque = deque()  # requests ahead of the queue (a server_down fault)
         self.on = True
         self.dead = False
         self.slowdown = 1.0
         self._running: set = set()
         self.tech = tech
         self.on_off_listeners: list = []
+
+    # -- slots -------------------------------------------------------------------------------
+    def acquire(self, priority: bool = False):
+        """Take a compute slot: ``None`` if one was free (taken now), else an event that succeeds
+        when a slot is handed over (FIFO; ``priority`` requests go ahead of ordinary ones).
+
+        A hand-rolled queue instead of ``simpy.Resource``: taking a free slot costs no event,
+        which matters on the co-simulation hot path (one compute per training step).
+        """
+        if self.busy < self.slots and not self._queue and not self._urgent:
+            self.busy += 1
+            return None
+        ev = self.env.event()
+        (self._urgent if priority else self._queue).append(ev)
+        return ev
+
+    def release(self) -> None:
+        """Give a slot back; the next waiter (urgent first, then FIFO) gets it at once."""
+        while self._urgent or self._queue:
+            ev = (self._urgent or self._queue).popleft()
+            if not ev.triggered:  # a waiter that gave up (interrupted) has been triggered by cancel
+                ev.succeed()
+                return
+        self.busy -= 1
+
+    def _cancel(self, ev) -> None:
+        """A waiter stops waiting: drop its request, or pass on a slot it was already handed."""
+        if ev.triggered:
+            self.release()
+        else:
+            for q in (self._queue, self._urgent):
+                try:
+                    q.remove(ev)
+                    return
+                except ValueError:
+                    pass
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue) + len(self._urgent)
 
     # -- compute -----------------------------------------------------------------------------
     def compute_time(self, flops: float) -> float:
@@ -85,25 +128,32 @@ class Device:
         changes (server weights) changes in simulated-time order. Its return value is the
         event's value. Fails with :class:`DeviceOff` if the device is (or goes) off first.
         """
-        return self.env.process(self._compute(float(flops), tag, work))
+        return self.env.process(self.computing(float(flops), tag, work))
 
-    def _compute(self, flops: float, tag: str, work):
+    def computing(self, flops: float, tag: str = "", work=None):
+        """The same as :meth:`compute`, as a sub-generator for ``yield from`` inside the caller's
+        own process (no extra SimPy process: the hot path of every training step)."""
         env = self.env
         if not self.on:
             raise DeviceOff(self.name, "off")
         proc = env.active_process
         self._running.add(proc)
-        req = self.resource.request()
         started = None
+        held = False
+        ev = None
         try:
-            yield req
+            ev = self.acquire()
+            if ev is not None:
+                yield ev
+            held = True
             started = env.now
             value = work() if work is not None else None
-            self.meter.begin("compute")
+            meter = self.meter
+            meter.begin("compute")
             try:
-                yield env.timeout(self.compute_time(flops))
+                yield env.timeout(flops / self.effective_flops * self.slowdown + self.overhead)
             finally:
-                self.meter.end("compute")
+                meter.end("compute")
             self.recorder.compute(self.name, started, env.now, flops, tag)
             return value
         except simpy.Interrupt as intr:
@@ -111,7 +161,10 @@ class Device:
                 self.recorder.compute(self.name, started, env.now, flops, tag, status="interrupted")
             raise DeviceOff(self.name, str(intr.cause)) from None
         finally:
-            self.resource.release(req)
+            if held:
+                self.release()
+            elif ev is not None:
+                self._cancel(ev)
             self._running.discard(proc)
 
     # -- on / off ----------------------------------------------------------------------------

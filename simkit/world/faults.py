@@ -85,13 +85,15 @@ def _server_down(env, world, start: float, end: float):
     server = world.server
     if start > env.now:
         yield env.timeout(start - env.now)
-    reqs = [server.resource.request(priority=-1) for _ in range(server.slots)]
-    yield env.all_of(reqs)
+    for _ in range(server.slots):  # take every slot, ahead of queued work, as running work ends
+        ev = server.acquire(priority=True)
+        if ev is not None:
+            yield ev
     world.recorder.state(server.name, env.now, "down", "server_down fault")
     if end > env.now:
         yield env.timeout(end - env.now)
-    for r in reqs:
-        server.resource.release(r)
+    for _ in range(server.slots):
+        server.release()
     world.recorder.state(server.name, env.now, "up", "server_down fault")
 
 
