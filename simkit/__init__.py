@@ -13,22 +13,11 @@ from simkit.config import DeviceProfile, Scenario, load_profiles, load_scenario,
 from simkit.errors import SimkitError
 from simkit.metrics import c3_score
 
+# Bound after the submodule import on purpose: ``simkit.run`` is the function (importing the
+# submodule ``simkit.run`` later does not rebind the package attribute).
+from simkit.run import RunResult, run  # noqa: E402
+
 __version__ = "0.1.0"
-
-
-def run(scenario, **kwargs):
-    """Simulate one scenario (a Scenario, a mapping or a YAML path); see :func:`simkit.run.run`."""
-    from simkit.run import run as _run
-
-    return _run(scenario, **kwargs)
-
-
-def __getattr__(name):
-    if name == "RunResult":
-        from simkit.run import RunResult
-
-        return RunResult
-    raise AttributeError(name)
 
 
 __all__ = ["run", "RunResult", "Scenario", "load_scenario", "scenario_from_dict", "with_changes", "load_profiles",

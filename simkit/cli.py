@@ -106,6 +106,119 @@ def print_summary(rows: list[dict]) -> None:
     console.print(table)
 
 
+def _budgets(max_bytes, max_client_flops, max_client_energy_j, max_time_s, min_accuracy) -> dict[str, float]:
+    given = {"max_bytes": max_bytes, "max_client_flops": max_client_flops, "max_client_energy_j": max_client_energy_j,
+             "max_time_s": max_time_s, "min_accuracy": min_accuracy}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+_MAX_BYTES = typer.Option(None, "--max-bytes", help="budget: bytes up + down per run")
+_MAX_FLOPS = typer.Option(None, "--max-client-flops", help="budget: client FLOPs (fwd + bwd) per run")
+_MAX_ENERGY = typer.Option(None, "--max-client-energy-j", help="budget: the clients' energy per run (J)")
+_MAX_TIME = typer.Option(None, "--max-time-s", help="budget: simulated time per run (s)")
+_MIN_ACC = typer.Option(None, "--min-accuracy", help="floor on the final mean client accuracy")
+
+
+@app.command("report")
+def report_cmd(results: Path = typer.Argument(..., help="results folder (summary.parquet or summary.csv)"),
+               out: Optional[Path] = typer.Option(None, "--out", help="report folder (default RESULTS/report)"),
+               max_bytes: Optional[float] = _MAX_BYTES, max_client_flops: Optional[float] = _MAX_FLOPS,
+               max_client_energy_j: Optional[float] = _MAX_ENERGY, max_time_s: Optional[float] = _MAX_TIME,
+               min_accuracy: Optional[float] = _MIN_ACC) -> None:
+    """Build the report of a results folder from its tables: report.html (offline), PNGs, CSVs, summary.md."""
+    from simkit.report import build_report
+
+    budgets = _budgets(max_bytes, max_client_flops, max_client_energy_j, max_time_s, min_accuracy)
+    try:
+        written = build_report(results, out, budgets=budgets or None)
+    except SimkitError as exc:
+        _fail(exc)
+    console.print(f"report written to {written['report.html']} ({len(written)} files, "
+                  f"Markdown summary in {written['summary.md'].name})", highlight=False)
+
+
+@app.command("plan")
+def plan_cmd(study: Path = typer.Argument(..., help="results folder of a study (summary.parquet or summary.csv)"),
+             max_bytes: Optional[float] = _MAX_BYTES, max_client_flops: Optional[float] = _MAX_FLOPS,
+             max_client_energy_j: Optional[float] = _MAX_ENERGY, max_time_s: Optional[float] = _MAX_TIME,
+             min_accuracy: Optional[float] = _MIN_ACC,
+             csv: Optional[Path] = typer.Option(None, "--csv", help="also write the ranked table to this CSV")) -> None:
+    """Rank a study's settings under budgets: feasible ones first (Pareto-optimal starred), then what binds."""
+    from simkit.errors import StudyError
+    from simkit.plan import plan_dir
+    from simkit.report import budget_text, fmt_num
+
+    budgets = _budgets(max_bytes, max_client_flops, max_client_energy_j, max_time_s, min_accuracy)
+    try:
+        if study.is_file() and study.suffix in (".yaml", ".yml"):
+            raise StudyError("running a study YAML first is not supported yet; pass the study's results folder",
+                             file=str(study))
+        table = plan_dir(study, **budgets)
+        if csv is not None:
+            try:
+                table.to_csv(csv, index=False)
+            except OSError as exc:
+                raise StudyError(f"cannot write the CSV: {exc.strerror or exc}", file=str(csv)) from None
+    except SimkitError as exc:
+        _fail(exc)
+    n_ok = int(table["feasible"].sum())
+    title = f"{n_ok} of {len(table)} settings feasible" + (f" under {budget_text(budgets)}" if budgets else
+                                                             " (no budgets given)")
+    out = Table("#", "", "setting", "seeds", "accuracy", "MB", "client GFLOP", "client J", "sim. s", "C3", "binds",
+                title=title, caption="means over seeds; ★ Pareto-optimal among the feasible settings")
+    for i, r in table.iterrows():
+        if not r["feasible"] and (i == 0 or table.at[i - 1, "feasible"]) and n_ok:
+            out.add_section()
+        out.add_row(str(i + 1) if r["feasible"] else "-", "★" if r["pareto"] else "", str(r["setting"]),
+                    str(int(r["n_seeds"])), fmt_num(r["accuracy_mean"], "acc"), fmt_num(r["bytes_total"] / 1e6),
+                    fmt_num(r["client_flops"] / 1e9), fmt_num(r["energy_j_clients"]), fmt_num(r["sim_time_s"]),
+                    fmt_num(r["c3_score"], "acc"), f"[red]{r['binds']}[/]" if r["binds"] else "",
+                    style=None if r["feasible"] else "dim")
+    console.print(out)
+    if csv is not None:
+        console.print(f"plan written to {csv}", highlight=False)
+
+
+@app.command("sweep")
+def sweep_cmd(study_file: Path = typer.Argument(..., help="study YAML: name, base, grid, changes, seeds, budgets"),
+              out: Optional[Path] = typer.Option(None, "--out", help="result folder (default results/<study name>)"),
+              executor: str = typer.Option("pool", "--executor", help="serial | pool | ray"),
+              address: Optional[str] = typer.Option(None, "--address",
+                                                    help="Ray cluster to join: auto or HOST:PORT (ray only)"),
+              workers: Optional[int] = typer.Option(None, "--workers", help="runs at once (default: all cores)"),
+              quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+    """Run a study (every point x seed); finished runs are skipped, failed ones retried."""
+    from simkit.study import HOST_COLUMNS, PARAM_PREFIX, load_study
+
+    try:
+        study = load_study(study_file, out=out)
+        result = study.run(executor, workers=workers, address=address, progress=not quiet)
+    except SimkitError as exc:
+        _fail(exc)
+    df = result.summary
+    params = [PARAM_PREFIX + p for p in result.params]
+    table = Table("run", *(p[len(PARAM_PREFIX):] for p in params), "seed", "acc mean", "MB total", "client kJ",
+                  "sim time s", "C3", title=f"study {study.name}")
+    shown = df.head(50)
+    for r in shown.to_dict("records"):
+        table.add_row(r["run_key"][:8], *(str(r[p]) for p in params), str(r["seed"]), f"{r['accuracy_mean']:.3f}",
+                      f"{r['bytes_total'] / 1e6:,.2f}", f"{r['energy_j_clients'] / 1e3:,.3f}",
+                      f"{r['sim_time_s']:,.1f}", f"{r.get('c3_score', float('nan')):.3f}")
+    if len(df):
+        console.print(table)
+    if len(df) > len(shown):
+        console.print(f"... {len(df) - len(shown)} more rows in {study.out / 'summary.csv'}", highlight=False)
+    for e in result.errors.to_dict("records"):
+        where = ", ".join(f"{p[len(PARAM_PREFIX):]}={e[p]}" for p in params)
+        err_console.print(f"[red]failed[/] {e['run_key']} ({where}, seed={e['seed']}): {e['error_type']}: "
+                          f"{e['error_message']}", highlight=False)
+    console.print(f"{len(df)} of {len(study)} runs finished, {len(result.errors)} failed; tables in {study.out}/ "
+                  f"(summary.csv, summary.parquet, runs/<key>/; host timings: {', '.join(HOST_COLUMNS)})",
+                  highlight=False)
+    if len(result.errors):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

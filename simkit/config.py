@@ -604,8 +604,12 @@ def _resolve_relative(data: dict, base: Path) -> dict:
 
 def with_changes(scenario: Scenario, changes: Mapping[str, Any]) -> Scenario:
     """A new, validated scenario with dotted-path ``changes`` applied (``"algorithm.kappa": 0.5``)."""
+    import copy
+
     data = scenario.model_dump(by_alias=True, exclude_none=False)
+    old_algorithm = data["algorithm"]["name"]
     for dotted, value in changes.items():
+        value = copy.deepcopy(value)  # never alias the caller's objects
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -620,4 +624,19 @@ def with_changes(scenario: Scenario, changes: Mapping[str, Any]) -> Scenario:
         if last == "lambda_":
             last = "lambda"
         node[last] = value
-    return scenario_from_dict(data)
+    algo = data.get("algorithm")
+    if isinstance(algo, dict) and algo.get("name") != old_algorithm and "algorithm" not in changes:
+        # switching algorithm with 'algorithm.name': keep the options the new one shares with the
+        # old (rounds, lr, ...) and drop those it does not have (e.g. FedAvg's fraction)
+        new_cls = {"fedavg": FedAvgSpec, "fedprox": FedAvgSpec, "sl": SLSpec, "splitfed": SplitFedSpec,
+                   "adasplit": AdaSplitSpec}.get(algo.get("name"))
+        if new_cls is not None:
+            allowed = {f.alias or k for k, f in new_cls.model_fields.items()}
+            old = scenario.algorithm
+            set_before = {old.model_fields[k].alias or k for k in old.model_fields_set}
+            explicit = {d.split(".", 1)[1] for d in changes if d.startswith("algorithm.")}
+            keep = (set_before | explicit | {"name"}) & allowed
+            data["algorithm"] = {k: v for k, v in algo.items() if k in keep}
+    out = scenario_from_dict(data, file=scenario.source)
+    out._source = scenario.source
+    return out

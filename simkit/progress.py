@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def make_progress(**kwargs) -> Progress:
+def make_progress(quiet: bool = False, **kwargs) -> Progress:
+    """A rich progress bar (elapsed, remaining); ``quiet`` hides it."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty() and kwargs.pop("quiet", False),
-                    **kwargs)
+                    TimeRemainingColumn(), transient=False, disable=quiet, **kwargs)
 
 
 @contextlib.contextmanager
