@@ -19,8 +19,8 @@ from simkit.errors import SimkitError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulate split and federated learning on device fleets.")
 profiles_app = typer.Typer(no_args_is_help=True, help="List and show device profiles.")
 app.add_typer(profiles_app, name="profiles")
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: SimkitError) -> None:
@@ -138,12 +138,17 @@ def report_cmd(results: Path = typer.Argument(..., help="results folder (summary
 
 
 @app.command("plan")
-def plan_cmd(study: Path = typer.Argument(..., help="results folder of a study (summary.parquet or summary.csv)"),
+def plan_cmd(study: Path = typer.Argument(..., help="a study's results folder, or a study YAML (run first if needed)"),
              max_bytes: Optional[float] = _MAX_BYTES, max_client_flops: Optional[float] = _MAX_FLOPS,
              max_client_energy_j: Optional[float] = _MAX_ENERGY, max_time_s: Optional[float] = _MAX_TIME,
              min_accuracy: Optional[float] = _MIN_ACC,
-             csv: Optional[Path] = typer.Option(None, "--csv", help="also write the ranked table to this CSV")) -> None:
-    """Rank a study's settings under budgets: feasible ones first (Pareto-optimal starred), then what binds."""
+             csv: Optional[Path] = typer.Option(None, "--csv", help="also write the ranked table to this CSV"),
+             out: Optional[Path] = typer.Option(None, "--out", help="result folder when STUDY is a study YAML"),
+             executor: str = typer.Option("pool", "--executor", help="serial | pool | ray (when STUDY is a YAML)"),
+             address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray only)")) -> None:
+    """Rank a study's settings under budgets: feasible ones first (Pareto-optimal starred), then what binds.
+
+    STUDY may be a study YAML: its missing runs are simulated first (finished ones are reused)."""
     from simkit.errors import StudyError
     from simkit.plan import plan_dir
     from simkit.report import budget_text, fmt_num
@@ -151,8 +156,13 @@ def plan_cmd(study: Path = typer.Argument(..., help="results folder of a study (
     budgets = _budgets(max_bytes, max_client_flops, max_client_energy_j, max_time_s, min_accuracy)
     try:
         if study.is_file() and study.suffix in (".yaml", ".yml"):
-            raise StudyError("running a study YAML first is not supported yet; pass the study's results folder",
-                             file=str(study))
+            from simkit.study import load_study
+
+            st = load_study(study, out=out)
+            if st.pending():
+                console.print(f"running {len(st.pending())} missing run(s) of study {st.name} first", highlight=False)
+            st.run(executor, address=address, progress=True)
+            study = st.out
         table = plan_dir(study, **budgets)
         if csv is not None:
             try:
@@ -217,6 +227,60 @@ def sweep_cmd(study_file: Path = typer.Argument(..., help="study YAML: name, bas
                   highlight=False)
     if len(result.errors):
         raise typer.Exit(1)
+
+
+@app.command("replay")
+def replay_cmd(run_dir: Path = typer.Argument(..., help="a run folder: scenario.yaml + summary (from simkit run "
+                                                          "--out or a study's runs/<key>/)")) -> None:
+    """Re-run a recorded run from its saved scenario and seed; check the summary is identical."""
+    from simkit.replay import replay
+
+    try:
+        report = replay(run_dir)
+    except SimkitError as exc:
+        _fail(exc)
+    for line in report.notes:
+        err_console.print(f"[yellow]note:[/] {line}", highlight=False)
+    if report.identical:
+        console.print(f"identical: {len(report.compared)} summary columns match the recording "
+                      f"(host timing columns ignored: {', '.join(report.ignored)})", highlight=False)
+        return
+    table = Table("column", "recorded", "replayed", title="replay differs from the recording")
+    for col, (a, b) in report.differences.items():
+        table.add_row(col, repr(a), repr(b))
+    console.print(table)
+    raise typer.Exit(1)
+
+
+@app.command("calibrate")
+def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario whose workload model is timed "
+                                                                         "(default: digits, CNN, cut 1, batch 32)"),
+                  out: Path = typer.Option(Path("host.yaml"), "--out", help="device profile to write"),
+                  name: str = typer.Option("host", "--name", help="profile name (the file stem must match)"),
+                  threads: int = typer.Option(1, "--threads", help="torch threads while measuring")) -> None:
+    """Measure this host's effective FLOP/s on the workload's model parts and write a device profile."""
+    import torch
+
+    from simkit.calibrate import calibrate, write_profile
+    from simkit.config import load_scenario, scenario_from_dict
+
+    try:
+        sc = load_scenario(scenario) if scenario else scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}})
+        torch.set_num_threads(threads)
+        cal = calibrate(sc)
+        if out.stem != name:
+            out = out.with_name(f"{name}.yaml")
+        write_profile(cal, out, name)
+    except SimkitError as exc:
+        _fail(exc)
+    table = Table("part", "FLOPs / step", "measured ms", "simulated ms", "simulated / measured",
+                  title=f"{cal.effective_flops / 1e9:,.2f} GFLOP/s effective, {cal.overhead_s * 1e6:,.0f} us "
+                        f"per-step overhead ({threads} thread(s))")
+    for p in cal.parts:
+        table.add_row(p.part, f"{p.flops:,.0f}", f"{p.seconds * 1e3:.3f}", f"{cal.predicted(p.flops) * 1e3:.3f}",
+                      f"{cal.predicted(p.flops) / p.seconds:.3f}")
+    console.print(table)
+    console.print(f"calibration_error_max {cal.error_max:.3f}; profile written to {out}", highlight=False)
 
 
 def main() -> None:

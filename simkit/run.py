@@ -7,6 +7,7 @@ separately (``host_wall_s``) as profiling data and never feeds back into the sim
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,19 @@ SUMMARY_COLUMNS = [
     "time_to_target_s", "target_accuracy", "energy_j_clients", "energy_j_server", "energy_j_total",
     "c3_score", "clients_finished", "clients_lost", "host_wall_s",
 ]
+
+
+def versions() -> dict[str, str]:
+    """Versions that a run's learned values may depend on (saved as provenance)."""
+    import platform
+
+    import numpy
+    import torch
+
+    from simkit import __version__
+
+    return {"simkit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
 
 
 @dataclass
@@ -58,8 +72,9 @@ class RunResult:
         return pd.DataFrame([self.summary])
 
     def save(self, out: str | os.PathLike) -> Path:
-        """Write ``summary.csv``, ``clients.csv``, ``rounds.csv``, ``timeline_<kind>.csv`` and
-        ``scenario.yaml`` into ``out`` (created if needed)."""
+        """Write ``summary.csv``, ``clients.csv``, ``rounds.csv``, ``timeline_<kind>.csv``,
+        ``scenario.yaml`` (resolved, with the seed) and ``provenance.json`` (versions) into ``out``
+        (created if needed). ``simkit replay OUT`` re-runs it and checks the summary."""
         import yaml
 
         out = Path(out)
@@ -73,6 +88,9 @@ class RunResult:
                     df.to_csv(out / f"timeline_{kind}.csv", index=False)
             (out / "scenario.yaml").write_text(
                 yaml.safe_dump(self.scenario.model_dump(mode="json", by_alias=True), sort_keys=False))
+            (out / "provenance.json").write_text(json.dumps(
+                {**versions(), "seed": self.scenario.seed, "scenario": self.scenario.name,
+                 "host_wall_s": self.summary.get("host_wall_s")}, indent=2))
         except OSError as exc:
             from simkit.errors import StudyError
 
