@@ -1,5 +1,6 @@
 """Training protocols as SimPy processes: one module per algorithm."""
 
+from simkit.algorithms.adasplit import AdaSplit
 from simkit.algorithms.base import Algorithm, Context
 from simkit.algorithms.fedavg import FedAvg
 from simkit.algorithms.sl import SplitLearning
@@ -10,6 +11,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fedprox": FedAvg,
     "sl": SplitLearning,
     "splitfed": SplitFed,
+    "adasplit": AdaSplit,
 }
 
 
@@ -18,4 +20,4 @@ def register(name: str, cls: type[Algorithm]) -> None:
     REGISTRY[name] = cls
 
 
-__all__ = ["Algorithm", "Context", "REGISTRY", "register", "FedAvg", "SplitLearning", "SplitFed"]
+__all__ = ["Algorithm", "Context", "REGISTRY", "register", "FedAvg", "SplitLearning", "SplitFed", "AdaSplit"]

@@ -59,7 +59,7 @@ def topk(scores: np.ndarray, k: int, rng: np.random.Generator, candidates: Seque
     scores = np.asarray(scores, dtype=float)
     n = scores.shape[0]
     tiebreak = rng.random(n)
-    cand = np.arange(n) if candidates is None else np.asarray(sorted(set(int(c) for c in candidates)), dtype=int)
+    cand = np.arange(n) if candidates is None else np.asarray(sorted({int(c) for c in candidates}), dtype=int)
     if cand.size == 0 or k <= 0:
         return []
     # lexsort: last key is primary -> highest score first, then the random key
