@@ -137,7 +137,11 @@ def _new_figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    import warnings
+
+    with warnings.catch_warnings():  # crowded figures fall back to the default layout; that is fine
+        warnings.filterwarnings("ignore", message="constrained_layout not applied")
+        fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     return path
 
 

@@ -831,3 +831,73 @@ def load_study(path: str | os.PathLike, *, out: str | os.PathLike | None = None)
                  budgets=spec.budgets.model_dump(exclude_none=True), out=out, timeline=spec.timeline,
                  source=path)
 
+
+
+# --------------------------------------------------------------------------- study scripts
+def script_arguments(description: str, *, default_out: str):
+    """The options every script in ``studies/`` takes: ``--out``, ``--executor``, ``--address``,
+    ``--workers``, ``--quick``, ``--quiet`` (an :class:`argparse.ArgumentParser` to extend)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, default=Path(default_out), help="result folder")
+    ap.add_argument("--executor", choices=["serial", "pool", "ray"], default="pool",
+                    help="where runs execute (results are identical whichever)")
+    ap.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT (with --executor ray)")
+    ap.add_argument("--workers", type=int, default=None, help="runs at once (default: all cores)")
+    ap.add_argument("--quick", action="store_true", help="a small version that finishes in a few minutes")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def finish_script(study: "Study", args, *, title: str, tables: Sequence[tuple], note: str = "") -> StudyResult:
+    """Run ``study`` as the script's options say, then write ``OUT/summary.csv`` (one row per run),
+    the report (``OUT/report/``) and ``OUT/summary.md``: a Markdown table per ``(heading, group-by
+    columns)`` of ``tables`` (mean ± std over seeds of accuracy, bytes, client FLOPs, simulated
+    time, client energy and C3-Score); a third element ``{column: value}`` keeps only matching
+    rows. Prints the Markdown. Exits non-zero if a run failed."""
+    from simkit.report import build_report
+
+    result = study.run(args.executor, workers=args.workers, address=args.address, progress=not args.quiet)
+    df = result.summary.copy()
+    df["client_flops"] = df["client_flops_fwd"] + df["client_flops_bwd"]
+    metrics = {"accuracy_mean": ("accuracy", 3, 1), "accuracy_min": ("worst client acc.", 3, 1),
+               "bytes_total": ("MB moved", 2, 1e6), "client_flops": ("client GFLOP", 2, 1e9),
+               "sim_time_s": ("sim. time s", 1, 1), "energy_j_clients": ("client energy J", 1, 1),
+               "c3_score": ("C3-Score", 3, 1)}
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += [f"{len(df)} runs ({len(result.errors)} failed); seeds {sorted(df['seed'].unique().tolist())}. "
+              "Each cell: mean ± std over seeds.", ""]
+    for heading, by, *where in tables:
+        sub = df
+        for col, value in (where[0] if where else {}).items():
+            sub = sub[sub[col] == value]
+        by = [c if c in df.columns else PARAM_PREFIX + c for c in by]
+        g = sub.groupby(by, sort=True, dropna=False)
+        lines += [f"## {heading}", "", "| " + " | ".join([b.replace(PARAM_PREFIX, "") for b in by]
+                                                      + [m[0] for m in metrics.values()]) + " |",
+                  "|" + "---|" * (len(by) + len(metrics))]
+        for key, grp in g:
+            key = key if isinstance(key, tuple) else (key,)
+            cells = []
+            for col, (_, digits, scale) in metrics.items():
+                vals = grp[col].astype(float) / scale
+                std = vals.std(ddof=0) if len(vals) > 1 else 0.0
+                cells.append(f"{vals.mean():,.{digits}f}" + (f" ± {std:,.{digits}f}" if len(vals) > 1 else ""))
+            lines.append("| " + " | ".join([str(k) for k in key] + cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    out = Path(args.out)
+    _atomic_write(out / "summary.md", text.encode())
+    try:
+        build_report(out, out / "report", budgets=study.budgets or None)
+    except SimkitError as exc:  # a report problem must not lose the study's tables
+        print(f"report not written: {exc}", file=sys.stderr)
+    print(text)
+    print(f"tables: {out / 'summary.csv'}, {out / 'summary.md'}; report: {out / 'report' / 'report.html'}")
+    if len(result.errors):
+        print(f"{len(result.errors)} run(s) failed; see {out}/runs/*/error.json", file=sys.stderr)
+        raise SystemExit(1)
+    return result

@@ -3,25 +3,17 @@
 8 clients on a two-tier topology (devices -> 2 edge gateways -> cloud server with a T4): three
 mid-range phones on LTE, two Raspberry Pi 4 and two Raspberry Pi 5 on Wi-Fi, one laptop on
 Wi-Fi. Each trains a small split CNN on scikit-learn's 8x8 digits (embedded, nothing is
-downloaded). Prints a table of accuracy, bytes, client FLOPs, simulated time and energy, and
-writes it to ``results/quickstart/summary.csv`` (or ``--out``).
+downloaded). Prints a table of accuracy, bytes, client FLOPs, simulated time and energy (with a
+progress bar while it runs), writes ``results/quickstart/summary.csv`` and ``summary.md``, and an
+offline HTML report in ``results/quickstart/report/``.
 
 Run:  python studies/quickstart.py [--out DIR] [--rounds N] [--seed S]
+                                   [--executor serial|pool|ray] [--address ADDR] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-import pandas as pd
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from simkit import scenario_from_dict
-from simkit.cli import print_summary
-from simkit.run import run
+from simkit.study import Study, finish_script, script_arguments
 
 BASE = {
     "name": "quickstart",
@@ -35,7 +27,7 @@ BASE = {
     "topology": {"kind": "two_tier", "gateways": 2},
     "workload": {"dataset": "digits", "partition": {"kind": "iid"}, "model": {"family": "cnn", "cut": 1},
                  "batch_size": 32},
-    "budgets": {"max_bytes": 50e6, "max_client_flops": 50e9},
+    "algorithm": {"name": "fedavg"},
 }
 ALGORITHMS = [
     {"name": "fedavg", "lr": 0.1, "momentum": 0.9, "local_epochs": 2},
@@ -44,36 +36,19 @@ ALGORITHMS = [
 ]
 
 
-def main(argv=None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("results/quickstart"))
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    rows = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        runs = progress.add_task("runs", total=len(ALGORITHMS))
-        for algo in ALGORITHMS:
-            sc = scenario_from_dict({**BASE, "seed": args.seed, "algorithm": {**algo, "rounds": args.rounds}})
-            rounds = progress.add_task(f"  {algo['name']} rounds", total=args.rounds)
-            result = run(sc, on_round=lambda done, total, t=rounds: progress.update(t, completed=done))
-            progress.remove_task(rounds)
-            rows.append(result.summary)
-            progress.advance(runs)
-    print_summary(rows)
-    df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "summary.csv", index=False)
-    energy_cols = [c for c in df.columns if c.startswith("energy_j_") and c not in
-                   ("energy_j_clients", "energy_j_server", "energy_j_total")]
-    console.print("client energy by device class (J):")
-    console.print(df[["algorithm", *energy_cols]].to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
-    console.print(f"summary written to {args.out / 'summary.csv'}")
-    return df
+def build(args) -> Study:
+    rounds = 3 if args.quick else args.rounds
+    changes = [{"algorithm": {**a, "rounds": rounds}} for a in ALGORITHMS]
+    return Study("quickstart", BASE, changes=changes, seeds=[args.seed],
+                 budgets={"max_bytes": 50e6, "max_client_flops": 50e9}, out=args.out)
 
 
 if __name__ == "__main__":
-    main()
+    ap = script_arguments(__doc__.splitlines()[0], default_out="results/quickstart")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds (epochs) per algorithm")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    finish_script(build(args), args, title="Quickstart: FedAvg vs split learning vs SplitFed on a mixed fleet",
+                  tables=[("Algorithms", ["algorithm"])],
+                  note="8 clients: 3 phones on LTE, 4 Raspberry Pis and a laptop on Wi-Fi; digits, IID; "
+                       "budgets for C3: 50 MB, 50 GFLOP of client compute.")
