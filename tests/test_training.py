@@ -198,3 +198,22 @@ def test_bad_training_input_gives_a_clear_error(change, field):
     with pytest.raises(SimkitError) as info:
         run(sc)
     assert field in str(info.value)
+
+
+def test_splitfed_v1_computes_exactly_what_fedavg_computes():
+    """SFL-V1 averages per-client server copies and client parts each round: mathematically FedAvg
+    on the whole model (Thapa et al. 2022). Same data, init, batch order and SGD -> same weights
+    (float64, up to summation order), while the costs differ (activations vs whole models)."""
+    algo = {"rounds": 2, "lr": 0.1, "momentum": 0.9}
+    kw = dict(max_samples=80)
+    fa = run(scenario({"name": "fedavg", **algo}, **kw) | {"workload": {**scenario({}, **kw)["workload"],
+                                                                          "dtype": "float64"}})
+    sf = run(scenario({"name": "splitfed", **algo}, **kw) | {"workload": {**scenario({}, **kw)["workload"],
+                                                                            "dtype": "float64"}})
+    key = [k for k in fa.models if k.startswith("client/")][0]
+    for part in ("server", key):
+        for name, w in fa.models[part].items():
+            assert torch.allclose(w, sf.models[part][name], rtol=0, atol=1e-10), (part, name)
+    assert fa.clients.accuracy.tolist() == sf.clients.accuracy.tolist()
+    assert fa.summary["bytes_total"] != sf.summary["bytes_total"]
+    assert fa.summary["client_flops_fwd"] > sf.summary["client_flops_fwd"]  # FedAvg runs the server part too
