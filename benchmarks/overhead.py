@@ -10,7 +10,12 @@ built by the same simkit code, untimed); only the timed part differs:
 
 Each repetition times bare and simkit back to back (order alternating), so the ratio is paired.
 
-Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3]
+Wall-clock noise here is about +-10%, so a second, precise figure is measured too: simkit's
+*additive* cost per client step, with the torch work replaced by a no-op -- exactly the fast mode
+(``train: false``: the same protocol, events, records and energy accounting, no tensors) -- giving
+the predicted ratio ``1 + added cost per step / bare step time``.
+
+Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ def scenario(algo: str, n: int, rounds: int) -> dict:
     }
 
 
-def build(sc_dict):
-    sc = scenario_from_dict(sc_dict)
+def build(sc_dict, train: bool = True):
+    sc = scenario_from_dict({**sc_dict, "train": train})
     seeds = SeedTree(sc.seed)
     env = simpy.Environment()
     rec = Recorder(timeline=True)
@@ -116,13 +121,29 @@ def time_bare(algo, n, rounds) -> float:
     return time.perf_counter() - t
 
 
+def time_noop(algo, n, rounds) -> float:
+    """Host seconds per client step of simkit alone (fast mode: no torch work)."""
+    sc, env, ctx = build(scenario(algo, n, rounds), train=False)
+    alg = REGISTRY[algo](ctx)
+    gc.collect()
+    gc.freeze()
+    t = time.perf_counter()
+    env.run(until=env.process(alg.run()))
+    dt = time.perf_counter() - t
+    gc.unfreeze()
+    steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
+    return dt / steps
+
+
 def time_simkit(algo, n, rounds) -> tuple[float, int]:
     sc, env, ctx = build(scenario(algo, n, rounds))
     alg = REGISTRY[algo](ctx)
     gc.collect()
+    gc.freeze()  # as simkit.run.simulate does
     t = time.perf_counter()
     env.run(until=env.process(alg.run()))
     dt = time.perf_counter() - t
+    gc.unfreeze()
     steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
     return dt, steps
 
@@ -136,13 +157,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    clients = args.clients or ([10] if args.quick else [10, 100])
+    clients = args.clients or [10, 100]
     rounds = 1 if args.quick else 2
     out = {}
     print(f"{'algo':8} {'N':>4} {'steps':>6} {'bare s (min/med/max)':>24} {'simkit s (min/med/max)':>24} "
-          f"{'ratio simkit/bare (min/med/max)':>32}")
+          f"{'ratio simkit/bare (min/med/max)':>32} {'added us/step':>14} {'bare us/step':>13} {'predicted':>10}")
     for algo in ["fedavg", "sl"]:
         for n in clients:
             time_bare(algo, n, 1)  # warm-up: dataset cache, FLOP cache, allocator
@@ -158,9 +180,25 @@ def main(argv=None) -> dict:
                 sim.append(s)
                 ratios.append(s / b)
             fb, fs, fr = stats(bare), stats(sim), stats(ratios)
+            added = statistics.median(time_noop(algo, n, rounds) for _ in range(args.reps))
+            bare_step = fb[1] / steps
+            predicted = 1 + added / bare_step
             print(f"{algo:8} {n:>4} {steps:>6} {fb[0]:7.3f}/{fb[1]:7.3f}/{fb[2]:7.3f} "
-                  f"{fs[0]:7.3f}/{fs[1]:7.3f}/{fs[2]:7.3f}   {fr[0]:9.3f}/{fr[1]:9.3f}/{fr[2]:9.3f}")
-            out[f"{algo}_n{n}"] = fr[1]
+                  f"{fs[0]:7.3f}/{fs[1]:7.3f}/{fs[2]:7.3f}   {fr[0]:9.3f}/{fr[1]:9.3f}/{fr[2]:9.3f} "
+                  f"{added * 1e6:14.1f} {bare_step * 1e6:13.1f} {predicted:10.4f}")
+            out[f"{algo}_ratio_n{n}"] = fr[1]
+            out[f"{algo}_predicted_n{n}"] = predicted
+            out[f"{algo}_added_us_n{n}"] = added * 1e6
+    # the issue's figures are the split-learning step (the protocol with the most events per step)
+    for n in clients:
+        out[f"overhead_ratio_n{n}"] = out[f"sl_ratio_n{n}"]
+    if f"sl_predicted_n{clients[-1]}" in out:
+        out[f"overhead_predicted_n{clients[-1]}"] = out[f"sl_predicted_n{clients[-1]}"]
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
     return out
 
 
