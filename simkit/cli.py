@@ -229,6 +229,30 @@ def sweep_cmd(study_file: Path = typer.Argument(..., help="study YAML: name, bas
         raise typer.Exit(1)
 
 
+@app.command("histogram")
+def histogram_cmd(scenario: Path = typer.Argument(..., help="scenario YAML")) -> None:
+    """Print the per-client class histogram of a scenario's partition (training labels)."""
+    import simpy
+
+    from simkit.algorithms.base import Context
+    from simkit.config import load_scenario
+    from simkit.learning.partition import format_histogram
+    from simkit.records import Recorder
+    from simkit.rng import SeedTree
+    from simkit.world.fleet import build_world
+
+    try:
+        sc = load_scenario(scenario)
+        seeds = SeedTree(sc.seed)
+        world = build_world(sc, env=simpy.Environment(), recorder=Recorder(), seeds=seeds)
+        ctx = Context(sc.model_copy(update={"train": True}), world, Recorder(), seeds)
+    except SimkitError as exc:
+        _fail(exc)
+    console.print(f"partition {sc.workload.partition.kind} of {sc.workload.dataset!r} over "
+                  f"{len(ctx.clients)} clients (seed {sc.seed}); training samples per class:", highlight=False)
+    console.print(format_histogram([c.data for c in ctx.clients]), highlight=False)
+
+
 @app.command("replay")
 def replay_cmd(run_dir: Path = typer.Argument(..., help="a run folder: scenario.yaml + summary (from simkit run "
                                                           "--out or a study's runs/<key>/)")) -> None:

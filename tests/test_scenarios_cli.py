@@ -110,3 +110,16 @@ def test_identical_records_twice_in_one_process_and_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == here
+
+
+def test_cli_histogram_prints_per_client_class_counts(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("fleet: {counts: {rpi4: 3}}\nworkload: {dataset: digits, partition: {kind: label_groups, "
+                 "classes_per_client: 2}}\n")
+    res = CliRunner().invoke(app, ["histogram", str(p)])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line[:1].isdigit()]
+    assert len(rows) == 3
+    for r in rows:  # client, dataset, 10 class counts, total: exactly 2 classes non-zero
+        counts = list(map(int, r[2:12]))
+        assert sum(1 for c in counts if c) == 2 and sum(counts) == int(r[12])
