@@ -56,7 +56,11 @@ MAX_BLOCKS = 3
 
 _F_CUT = "workload.model.cut"
 _F_FAMILY = "workload.model.family"
-_META = torch.device("meta")
+# Layers are constructed on the CPU inside ``torch.random.fork_rng`` (torch's default init draws
+# from the global RNG; fork_rng restores its state afterwards), then re-initialised from the run's
+# own generator. (Constructing on the meta device and materialising with ``to_empty`` would avoid
+# the throw-away init, but ``to_empty`` imports torch's meta machinery: ~1.5 s per process.)
+_META = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- families
@@ -79,7 +83,12 @@ def resolve_family(family: str, input_shape: Sequence[int]) -> str:
 
 
 def _layers(family: str, shape: tuple[int, ...], num_classes: int, width: int) -> list[nn.Sequential]:
-    """The layer stack of a family, built on the meta device (no memory, no RNG)."""
+    """The layer stack of a family (torch's global RNG state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        return _layers_unseeded(family, shape, num_classes, width)
+
+
+def _layers_unseeded(family: str, shape: tuple[int, ...], num_classes: int, width: int) -> list[nn.Sequential]:
     if width < 1:
         raise WorkloadError(f"width must be >= 1, got {width}", field="workload.model.width")
     if num_classes < 1:
@@ -160,9 +169,15 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 @torch.no_grad()
 def _out_shape(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Per-sample output shape, traced on the meta device (no compute, no RNG)."""
-    meta = _to_meta_copy(module)
-    return tuple(int(d) for d in meta(torch.empty((1, *input_shape), device=_META)).shape[1:])
+    """Per-sample output shape, from one forward pass of a zero sample on a CPU copy with
+    uninitialised weights (``to_empty``: no RNG, no initialisation cost).
+
+    Not traced on the ``meta`` device: a meta forward imports torch's decomposition machinery
+    (dynamo, sympy; ~800 modules, 1-2 s), a start-up cost every process would pay."""
+    import copy
+
+    probe = copy.deepcopy(module).to_empty(device="cpu")
+    return tuple(int(d) for d in probe(torch.zeros((1, *input_shape))).shape[1:])
 
 
 def _to_meta_copy(module: nn.Module) -> nn.Module:
@@ -271,7 +286,9 @@ def build_client_backbone(
     _check_cut(int(cut), len(layers), f"the {fam} backbone on input {shape}")
     body = nn.Sequential(*layers[:cut])
     flat = math.prod(_out_shape(body, shape))
-    parts: list[nn.Module] = [*body, nn.Flatten(), nn.Linear(flat, math.prod(target), device=_META), nn.ReLU()]
+    with torch.random.fork_rng(devices=[]):
+        proj = nn.Linear(flat, math.prod(target), device=_META)
+    parts: list[nn.Module] = [*body, nn.Flatten(), proj, nn.ReLU()]
     if len(target) > 1:
         parts.append(nn.Unflatten(1, target))
     return init_parameters(nn.Sequential(*parts), generator)
@@ -326,10 +343,11 @@ def build_mixed_models(
         factories[name] = _backbone_factory(family, tuple(datasets[name]), cut_shape, int(width), int(cut), seed,
                                             generator.device)
     h = cut_shape[0]
-    server = nn.Sequential(
-        nn.Sequential(nn.Linear(h, h, device=_META), nn.ReLU()),
-        nn.Sequential(nn.Linear(h, int(num_classes), device=_META)),
-    )
+    with torch.random.fork_rng(devices=[]):
+        server = nn.Sequential(
+            nn.Sequential(nn.Linear(h, h, device=_META), nn.ReLU()),
+            nn.Sequential(nn.Linear(h, int(num_classes), device=_META)),
+        )
     init_parameters(server, generator)
     return MixedModels({n: factories[n] for n in datasets}, server, cut_shape)
 
