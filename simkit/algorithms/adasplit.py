@@ -178,16 +178,19 @@ def clients_per_iteration(eta: float, n_clients: int) -> int:
 
 
 def make_head(cut_shape: tuple[int, ...], embedding_dim: int, generator: torch.Generator) -> nn.Sequential:
-    """The local head on a cut of per-sample shape ``cut_shape`` (see the module docstring)."""
-    meta = torch.device("meta")
+    """The local head on a cut of per-sample shape ``cut_shape`` (see the module docstring).
+
+    Built on the CPU inside ``fork_rng`` (torch's global RNG is left as it was), then initialised
+    from ``generator`` (as in simkit.learning.models)."""
     h = HEAD_CHANNELS
-    if len(cut_shape) == 3:
-        layers = [nn.Conv2d(cut_shape[0], h, 1, device=meta), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    elif len(cut_shape) == 2:
-        layers = [nn.Conv1d(cut_shape[0], h, 1, device=meta), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()]
-    else:
-        layers = [nn.Flatten(), nn.Linear(math.prod(cut_shape), h, device=meta), nn.ReLU()]
-    layers.append(nn.Linear(h, int(embedding_dim), device=meta))
+    with torch.random.fork_rng(devices=[]):
+        if len(cut_shape) == 3:
+            layers = [nn.Conv2d(cut_shape[0], h, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        elif len(cut_shape) == 2:
+            layers = [nn.Conv1d(cut_shape[0], h, 1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()]
+        else:
+            layers = [nn.Flatten(), nn.Linear(math.prod(cut_shape), h), nn.ReLU()]
+        layers.append(nn.Linear(h, int(embedding_dim)))
     return init_parameters(nn.Sequential(*layers), generator)
 
 
