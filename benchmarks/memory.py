@@ -32,7 +32,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    n = 200 if args.quick else args.runs
+    n = 100 if args.quick else args.runs
+    every = 25 if args.quick else 100
 
     import simkit.executors as ex
     from simkit.study import Study
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
 
         def on_outcome(*_a, **_k):
             done[0] += 1
-            if done[0] % 100 == 0:
+            if done[0] % every == 0:
                 samples.append((done[0], rss_mib()))
 
         if orig is not None:
@@ -73,8 +74,8 @@ def main(argv=None) -> dict:
     for k, m in samples:
         print(f"  {k:>10} {m:>15.1f}")
     print(f"  after loading the {len(result.summary)} summary rows: {final:.1f} MiB")
-    growth = (samples[-1][1] - samples[0][1]) / max(1, (samples[-1][0] - samples[0][0]) / 100) if len(samples) > 1 \
-        else float("nan")
+    growth = ((samples[-1][1] - samples[0][1]) / ((samples[-1][0] - samples[0][0]) / 100)
+              if len(samples) > 1 else float("nan"))
     print(f"  growth per 100 runs between run {samples[0][0]} and run {samples[-1][0]}: {growth:.2f} MiB")
     out = {"study_runs": n, "study_rss_growth_mib_per_100_runs": growth, "study_rss_final_mib": final}
     if args.json:

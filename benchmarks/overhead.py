@@ -156,10 +156,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    args.reps = args.reps or (1 if args.quick else 3)
     clients = args.clients or [10, 100]
     rounds = 1 if args.quick else 2
     out = {}

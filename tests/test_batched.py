@@ -1,0 +1,319 @@
+"""Batched (vectorised) local training: equal to the sequential loop, and FedAvg with
+``batched: on|auto`` keeps every record of the sequential run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from simkit.algorithms import REGISTRY
+from simkit.algorithms.fedavg import FedAvg
+from simkit.learning.batched import (
+    AUTO_MAX_STEP_FLOPS,
+    BatchedFallbackWarning,
+    ClientJob,
+    OptimSpec,
+    Unsupported,
+    auto_chunk_size,
+    compile_program,
+    prefer_batched,
+    train_local_batched,
+    train_local_sequential,
+    unsupported_reason,
+)
+from simkit.learning.flops import count_flops
+from simkit.learning.models import build_client_backbone, build_split_model
+from simkit.run import run
+
+# uneven clients: last batches of 1, 4, 16 samples; 2..5 steps per epoch
+SIZES = [70, 100, 33, 64, 95, 40, 49]
+OPTIMS = [
+    pytest.param({"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}, id="sgd-momentum"),
+    pytest.param({"optimizer": "sgd", "lr": 0.1}, id="sgd"),
+    pytest.param({"optimizer": "adam", "lr": 1e-3}, id="adam"),
+    pytest.param({"optimizer": "sgd", "lr": 0.05, "momentum": 0.5, "mu": 0.1}, id="fedprox-sgd"),
+    pytest.param({"optimizer": "adam", "lr": 2e-3, "mu": 0.05}, id="fedprox-adam"),
+]
+
+
+def whole(family, shape, dtype, cut=1, width=8, classes=10):
+    sm = build_split_model(family, shape, classes, cut=cut, width=width, generator=torch.Generator().manual_seed(0))
+    return nn.Sequential(sm.client, sm.server).to(dtype)
+
+
+def jobs(shape, dtype, sizes=SIZES, epochs=3, batch=16, seed=0, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        x = torch.rand(n, *shape, generator=g, dtype=dtype)
+        y = torch.randint(0, classes, (n,), generator=g)
+        batches = []
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            batches += [perm[i:i + batch] for i in range(0, n, batch)]
+        out.append(ClientJob(x, y, batches))
+    return out
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b):
+    assert len(a) == len(b)
+    return max((x[k] - y[k]).abs().max().item() for x, y in zip(a, b) for k in x)
+
+
+# ------------------------------------------------------------------------------ the trainer
+@pytest.mark.parametrize("kw", OPTIMS)
+@pytest.mark.parametrize("family,shape,cut", [("cnn", (1, 8, 8), 1), ("cnn", (1, 8, 8), 2), ("mlp", (1, 8, 8), 1),
+                                              ("cnn1d", (1, 40), 2)])
+def test_float64_weights_equal_the_sequential_loop_after_several_epochs(family, shape, cut, kw):
+    model = whole(family, shape, torch.float64, cut=cut)
+    start = state_of(model)
+    js = jobs(shape, torch.float64)
+    ref = train_local_sequential(model, start, js, **kw)
+    got = train_local_batched(model, start, js, **kw)
+    assert [list(s) for s in got] == [list(s) for s in ref]  # same keys, same order
+    assert max_diff(got, ref) < 1e-9
+    # it trained (not a no-op), and the template was left alone
+    assert max_diff(got, [start] * len(js)) > 1e-3
+    assert max_diff([state_of(model)], [start]) == 0
+
+
+def test_float64_mixed_backbone_with_unflatten_and_chunks():
+    gen = torch.Generator().manual_seed(1)
+    back = build_client_backbone("cnn", (1, 8, 8), (4, 2, 2), width=4, generator=gen)  # ends in Unflatten
+    server = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24, 5))
+    model = nn.Sequential(back, server).to(torch.float64)
+    start = state_of(model)
+    js = jobs((1, 8, 8), torch.float64, classes=5)
+    kw = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "mu": 0.01}
+    ref = train_local_sequential(model, start, js, **kw)
+    assert max_diff(train_local_batched(model, start, js, **kw), ref) < 1e-9
+    assert max_diff(train_local_batched(model, start, js, chunk_size=3, **kw), ref) < 1e-9
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_layer_variants_strides_dilation_groups_no_bias_padding_ceil(dtype, tol):
+    torch.manual_seed(0)
+    m2 = nn.Sequential(
+        nn.Sequential(nn.Conv2d(2, 6, 3, stride=2, padding=0, bias=False), nn.ReLU()),
+        nn.Conv2d(6, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.Identity(), nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 12, bias=False), nn.ReLU(), nn.Linear(12, 7)).to(dtype)
+    m1 = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool1d(2),
+                       nn.Conv1d(4, 5, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 2, 6)).to(dtype)
+    for model, shape, classes in [(m2, (2, 9, 9), 7), (m1, (3, 17), 6)]:
+        start = state_of(model)
+        js = jobs(shape, dtype, classes=classes, epochs=2)
+        for kw in [{"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}, {"optimizer": "adam", "lr": 1e-2, "mu": 0.1}]:
+            assert max_diff(train_local_batched(model, start, js, **kw),
+                            train_local_sequential(model, start, js, **kw)) < tol
+
+
+@pytest.mark.parametrize("kw", [OPTIMS[0], OPTIMS[2], OPTIMS[3]])
+@pytest.mark.parametrize("family,shape", [("cnn", (1, 8, 8)), ("mlp", (1, 8, 8)), ("cnn1d", (1, 40))])
+def test_float32_single_step_is_close(family, shape, kw):
+    model = whole(family, shape, torch.float32)
+    start = state_of(model)
+    # SGD: a big step, so that the update dominates the weight. Adam's first step is ~lr*sign(g), and
+    # float32 rounding flips it where |g| ~ eps: a small lr keeps that within the tolerance
+    kw = {**kw, "lr": 1.0 if kw["optimizer"] == "sgd" else 1e-3}
+    js = jobs(shape, torch.float32, epochs=1)
+    for j in js:
+        j.batches = j.batches[-1:]  # one step, on the (small, padded) last batch
+    ref = train_local_sequential(model, start, js, **kw)
+    got = train_local_batched(model, start, js, **kw)
+    for a, b in zip(got, ref):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert max_diff(got, [start] * len(js)) > 0.5 * kw["lr"]  # it moved
+
+
+def test_optimizer_objects_and_unsupported_options():
+    p = [torch.zeros(2, requires_grad=True)]
+    assert OptimSpec.from_optimizer(torch.optim.SGD(p, lr=0.1, momentum=0.9)) == OptimSpec("sgd", 0.1, 0.9)
+    assert OptimSpec.from_optimizer(torch.optim.Adam(p, lr=0.01)).kind == "adam"
+    for opt, what in [(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "nesterov"),
+                      (torch.optim.Adam(p, lr=0.1, amsgrad=True), "amsgrad"),
+                      (torch.optim.RMSprop(p, lr=0.1), "RMSprop")]:
+        with pytest.raises(Unsupported, match=what):
+            OptimSpec.from_optimizer(opt)
+
+
+@pytest.mark.parametrize("layer,what", [(nn.BatchNorm2d(8), "buffers"), (nn.Tanh(), "Tanh"),
+                                        (nn.Dropout(0.5), "Dropout")])
+def test_unsupported_layers_are_refused_with_the_reason(layer, what):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), layer, nn.Flatten(), nn.Linear(512, 10))
+    reason = unsupported_reason(model, (1, 8, 8))
+    assert reason is not None and what in reason
+    with pytest.raises(Unsupported, match=what):
+        train_local_batched(model, state_of(model), jobs((1, 8, 8), torch.float32, sizes=[20, 30]))
+    assert unsupported_reason(whole("cnn", (1, 8, 8), torch.float32), (1, 8, 8)) is None
+
+
+def test_auto_rule_and_chunks():
+    def step_flops(shape):
+        m = whole("cnn", shape, torch.float32, width=16)
+        fc = count_flops(m, (32, *shape), backward=True)
+        return fc.fwd + fc.bwd
+
+    digits, mnist = step_flops((1, 8, 8)), step_flops((1, 28, 28))
+    assert prefer_batched(digits, 10, "cpu") and prefer_batched(mnist, 10, "cpu")
+    assert not prefer_batched(digits, 1, "cpu")
+    assert not prefer_batched(2 * AUTO_MAX_STEP_FLOPS, 10, "cpu") and prefer_batched(2 * AUTO_MAX_STEP_FLOPS, 10, "cuda")
+    small = compile_program(whole("cnn", (1, 8, 8), torch.float32, width=16), (1, 8, 8))
+    big = compile_program(whole("cnn", (1, 28, 28), torch.float32, width=16), (1, 28, 28))
+    assert auto_chunk_size(small, 50, 32, 4, "cpu") == 17  # 3 equal chunks of <= 24
+    assert auto_chunk_size(small, 10, 32, 4, "cpu") == 10
+    assert 1 <= auto_chunk_size(big, 50, 32, 4, "cpu") < 17
+
+
+# ------------------------------------------------------------------------------ FedAvg
+def scenario(algo: dict, batched: str, dtype="float32", clients=None, dropout_p=0.0, **extra) -> dict:
+    sc = {
+        "name": "b",
+        "seed": 3,
+        "fleet": {"counts": clients or {"rpi4": 3, "laptop": 2, "phone-midrange": 2},
+                  "availability": {"kind": "dropout", "dropout_p": dropout_p} if dropout_p else {"kind": "always"}},
+        "server": {"profile": "server-t4", "slots": 1},
+        "topology": {"kind": "two_tier"},
+        "workload": {"dataset": "digits", "model": {"family": "cnn", "cut": 1}, "batch_size": 16,
+                     "max_samples": 700, "dtype": dtype},
+        "algorithm": {"rounds": 3, "batched": batched, **algo},
+    }
+    sc.update(extra)
+    return sc
+
+
+COSTS = ["bytes_up", "bytes_down", "bytes_total", "client_flops_fwd", "client_flops_bwd", "server_flops",
+         "sim_time_s", "energy_j_clients", "energy_j_server", "energy_j_total", "clients_finished", "clients_lost"]
+
+
+def spy(monkeypatch, change=None) -> list:
+    """Capture the FedAvg objects that run() builds (optionally changing the context first)."""
+    made = []
+
+    class Spy(FedAvg):
+        def __init__(self, ctx):
+            if change is not None:
+                change(ctx)
+            super().__init__(ctx)
+            made.append(self)
+
+    monkeypatch.setitem(REGISTRY, "fedavg", Spy)
+    monkeypatch.setitem(REGISTRY, "fedprox", Spy)
+    return made
+
+
+def assert_same_records(a, b, *, same_accuracy: bool):
+    for kind in ["compute", "transfer", "state", "dropout", "round", "selection", "metric"]:
+        pd.testing.assert_frame_equal(a.records[kind], b.records[kind], check_exact=True)
+    cols = ["round", "client", "time", "n"] + (["accuracy"] if same_accuracy else [])
+    ea, eb = a.records["eval"], b.records["eval"]
+    pd.testing.assert_frame_equal(ea[cols], eb[cols], check_exact=True)
+    if same_accuracy:  # float64: the same predictions; the loss equal up to rounding
+        assert ea.loss.to_numpy() == pytest.approx(eb.loss.to_numpy(), rel=1e-9, nan_ok=True)
+    assert {k: a.summary[k] for k in COSTS} == {k: b.summary[k] for k in COSTS}
+    ca, cb = a.clients.drop(columns=["accuracy"]), b.clients.drop(columns=["accuracy"])
+    pd.testing.assert_frame_equal(ca, cb, check_exact=True)
+
+
+FAULTS = [{"kind": "crash", "fraction": 0.3, "between_s": [0.05, 0.5]}]
+RUNS = [
+    pytest.param({"name": "fedavg", "lr": 0.1, "momentum": 0.9, "local_epochs": 2, "fraction": 0.8}, id="fedavg"),
+    pytest.param({"name": "fedprox", "mu": 0.1, "optimizer": "adam", "lr": 3e-3}, id="fedprox-adam"),
+]
+
+
+@pytest.mark.parametrize("algo", RUNS)
+def test_fedavg_float64_batched_run_equals_the_sequential_run(algo, monkeypatch):
+    made = spy(monkeypatch)
+    extra = {"faults": FAULTS, "dropout_p": 0.2}
+    off = run(scenario(algo, "off", "float64", **extra))
+    on = run(scenario(algo, "on", "float64", **extra))
+    assert_same_records(off, on, same_accuracy=True)
+    assert off.summary["accuracy_mean"] == on.summary["accuracy_mean"]
+    for part in off.models:
+        for k in off.models[part]:
+            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    # the faults really hit the rounds: clients crashed mid-round and dropped updates
+    drops = off.records["dropout"]
+    assert off.summary["clients_lost"] > 0 and (drops.reason == "crash").any()
+    assert (drops.reason == "mid_round").any() and (drops.reason == "round_dropout").any()
+    assert made[0].batching == [] and all(e["batched"] for e in made[1].batching)
+    assert len(made[1].batching) == algo.get("rounds", 3)
+
+
+def test_fedavg_float32_batched_run_keeps_records_and_learns_the_same(monkeypatch):
+    made = spy(monkeypatch)
+    algo = {"name": "fedavg", "lr": 0.1, "momentum": 0.9, "local_epochs": 2}
+    off = run(scenario(algo, "off"))
+    on = run(scenario(algo, "on"))
+    auto = run(scenario(algo, "auto"))
+    assert_same_records(off, on, same_accuracy=False)
+    assert_same_records(off, auto, same_accuracy=False)
+    for r in (on, auto):
+        assert r.summary["accuracy_mean"] == pytest.approx(off.summary["accuracy_mean"], abs=0.02)
+        for part in off.models:
+            for k in off.models[part]:
+                torch.testing.assert_close(r.models[part][k], off.models[part][k], rtol=1e-3, atol=1e-4)
+    assert off.summary["accuracy_mean"] > 0.6
+    # auto chose batching for the small digits CNN and said why
+    assert all(e["batched"] and e["reason"].startswith("auto") for e in made[2].batching)
+
+
+def test_auto_keeps_small_rounds_sequential(monkeypatch):
+    made = spy(monkeypatch)
+    res = run(scenario({"name": "fedavg", "rounds": 2}, "auto", clients={"rpi4": 1}))
+    assert res.summary["accuracy_mean"] > 0
+    assert [e["batched"] for e in made[0].batching] == [False, False]
+
+
+def test_mixed_workload_batches_each_model_group(monkeypatch):
+    made = spy(monkeypatch)
+    wl = {"dataset": "digits", "partition": {"kind": "mixed", "datasets": ["digits", "mnist1d"]},
+          "model": {"family": "auto", "cut": 1}, "batch_size": 16, "max_samples": 400, "dtype": "float64"}
+    algo = {"name": "fedavg", "rounds": 2, "lr": 0.1}
+    off = run(scenario(algo, "off", workload=wl, clients={"rpi4": 4}))
+    on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
+    assert_same_records(off, on, same_accuracy=True)
+    assert {e["key"] for e in made[1].batching} == {"digits", "mnist1d"}
+    for part in off.models:
+        for k in off.models[part]:
+            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+
+
+def test_unsupported_model_falls_back_with_a_recorded_reason(monkeypatch):
+    def add_tanh(ctx):  # a layer the batched trainer does not know (no parameters: same weights)
+        ctx.server_template.append(nn.Sequential(nn.Tanh()))
+
+    made = spy(monkeypatch, add_tanh)
+    algo = {"name": "fedavg", "rounds": 2}
+    off = run(scenario(algo, "off"))
+    with pytest.warns(BatchedFallbackWarning, match="Tanh"):
+        on = run(scenario(algo, "on"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto falls back quietly
+        auto = run(scenario(algo, "auto"))
+    for r in (on, auto):
+        assert_same_records(off, r, same_accuracy=True)
+    for algo_obj in made[1:]:
+        assert algo_obj.batching and not any(e["batched"] for e in algo_obj.batching)
+        assert all("Tanh" in e["reason"] for e in algo_obj.batching)
+
+
+def test_fast_mode_ignores_batching():
+    sc = scenario({"name": "fedavg", "rounds": 2}, "on")
+    sc["train"] = False
+    a = run(sc)
+    sc["algorithm"]["batched"] = "off"
+    b = run(sc)
+    assert_same_records(a, b, same_accuracy=True)
+    assert not math.isnan(a.summary["sim_time_s"])
