@@ -1,4 +1,4 @@
-"""Benchmark of the flow-level network (not a test): ``python -m benchmarks.network [--quick]``.
+"""Benchmark of the flow-level network (not a test): ``python -m benchmarks.network [--quick] [--json FILE]``.
 
 Two-tier topology built inline: N devices, each with its own access link (10 Mb/s up, 50 Mb/s
 down, 2 ms) to one of ceil(N/100) gateways; each gateway has 1 Gb/s both ways (5 ms) to one cloud
@@ -6,7 +6,11 @@ server. Every device uploads 1 MB, either all at t=0 ("burst") or at start times
 over 10 s ("staggered", seeded). Host time is measured around ``env.run()`` only (building the
 graph and the Network is excluded); the simulated results never depend on it. Python's cyclic
 garbage collector stays on: at 10,000 simultaneous flows (10,000 live processes, events and
-flows) it accounts for roughly half of the host time.
+flows) it is a large share of the host time.
+
+Host time is this process's CPU time (``time.process_time``), not wall time: on a shared machine
+other processes stretch wall time but not the CPU time the simulation itself uses, and the run is
+single-threaded, so on an idle machine the two are the same.
 
 Reported per case, min/median/max over the repetitions:
     events/s    simulated events (everything SimPy scheduled) per host second
@@ -14,12 +18,25 @@ Reported per case, min/median/max over the repetitions:
     ratio       (flows per host second) / (bare SimPy timeouts per host second), the latter
                 measured in the same run by a loop of 1e6 ``yield env.timeout(1)``: how many
                 bare timeouts one simulated flow costs, inverted
+    floor       the same ratio with the network replaced by a stub that answers each transfer
+                with one timeout of the flow's duration (the same processes, events per
+                transfer and garbage): what SimPy and the benchmark's own processes cost, an
+                upper bound no network implementation can reach
+
+"isolated transfers": 2 devices on a star, one process sending 20,000 transfers of 32 KB one
+after the other (each waits for the previous), so every flow is alone on its path: host
+microseconds per transfer (latency phase + data phase), next to host microseconds per bare
+``env.timeout`` of the same run.
+
+``--json FILE`` writes ``{"network_flow_rate_ratio": <median ratio of burst at the largest N>,
+"isolated_transfer_us": <median us per isolated transfer>}`` (plus the context figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import random
 import statistics
@@ -34,6 +51,9 @@ UP_BPS, DOWN_BPS, ACCESS_LAT = 10e6, 50e6, 0.002
 BACKHAUL_BPS, BACKHAUL_LAT = 1e9, 0.005
 FLOW_BYTES = 1e6
 PER_GATEWAY = 100
+ISO_TRANSFERS, ISO_BYTES = 20_000, 32 * 1024
+
+clock = time.process_time
 
 
 def two_tier(n: int) -> nx.DiGraph:
@@ -56,20 +76,43 @@ def upload(env: simpy.Environment, net: Network, device: str, at: float, done: l
     done.append(flow.end)
 
 
-def run_case(n: int, staggered: bool, seed: int = 0) -> tuple[float, int, float]:
+class _StubFlow:
+    __slots__ = ("end",)
+
+    def __init__(self, end: float):
+        self.end = end
+
+
+class StubNetwork:
+    """The floor: each transfer is an event that one timeout of the flow's alone-on-its-path
+    duration succeeds (no sharing, no routing). Same processes and events per transfer as the
+    real network's latency timeout and transfer event."""
+
+    def __init__(self, env: simpy.Environment, graph: nx.DiGraph):
+        self.env = env
+        self.duration = BACKHAUL_LAT + ACCESS_LAT + FLOW_BYTES * 8 / UP_BPS
+
+    def transfer(self, src, dst, nbytes, *, tag=""):
+        env = self.env
+        ev = env.event()
+        env.timeout(self.duration).callbacks.append(lambda _t: ev.succeed(_StubFlow(env.now)))
+        return ev
+
+
+def run_case(n: int, staggered: bool, seed: int = 0, network=Network) -> tuple[float, int, float]:
     """One run: (host seconds, events scheduled, simulated makespan)."""
     g = two_tier(n)
     env = simpy.Environment()
-    net = Network(env, g)
+    net = network(env, g)
     rng = random.Random(seed)
     starts = [rng.uniform(0.0, 10.0) if staggered else 0.0 for _ in range(n)]
     done: list[float] = []
     gc.collect()  # start every measurement from the same heap; the cyclic GC stays on while timing
-    t0 = time.perf_counter()
+    t0 = clock()
     for i in range(n):
         env.process(upload(env, net, f"d{i}", starts[i], done))
     env.run()
-    host = time.perf_counter() - t0
+    host = clock() - t0
     assert len(done) == n
     events = next(env._eid)  # SimPy's insertion counter: how many events were scheduled
     return host, events, max(done)
@@ -84,9 +127,34 @@ def raw_timeouts(n: int = 1_000_000) -> float:
             yield env.timeout(1)
 
     env.process(loop())
-    t0 = time.perf_counter()
+    t0 = clock()
     env.run()
-    return n / (time.perf_counter() - t0)
+    return n / (clock() - t0)
+
+
+def isolated_transfers(n: int = ISO_TRANSFERS, network=Network) -> float:
+    """Host microseconds per transfer for ``n`` sequential 32 KB transfers between two devices of a star."""
+    g = nx.DiGraph()
+    for d in ("a", "b"):
+        g.add_edge(d, "hub", bandwidth_bps=UP_BPS, latency_s=ACCESS_LAT)
+        g.add_edge("hub", d, bandwidth_bps=DOWN_BPS, latency_s=ACCESS_LAT)
+    env = simpy.Environment()
+    net = network(env, g)
+    done = []
+
+    def sender():
+        for _ in range(n):
+            flow = yield net.transfer("a", "b", ISO_BYTES, tag="act")
+        done.append(flow.end)
+
+    env.process(sender())
+    gc.collect()
+    t0 = clock()
+    env.run()
+    host = clock() - t0
+    # each transfer alone: 2 x 2 ms latency + 32 KB at 10 Mb/s (the a -> hub edge is the bottleneck)
+    assert math.isclose(done[0], n * (2 * ACCESS_LAT + ISO_BYTES * 8 / UP_BPS), rel_tol=1e-9)
+    return host / n * 1e6
 
 
 def fmt3(values: list[float], spec: str) -> str:
@@ -95,33 +163,57 @@ def fmt3(values: list[float], spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="N = 100 and 1,000 only")
+    ap.add_argument("--quick", action="store_true", help="N = 100 and 1,000 only (well under a minute)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", metavar="FILE", help="write the headline figures to FILE")
     args = ap.parse_args(argv)
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
 
     run_case(100, False)  # warm up (imports, numpy's first calls) outside the measurements
     run_case(100, True)
+    isolated_transfers(1000)
     raw = [raw_timeouts() for _ in range(args.reps)]
     raw_med = statistics.median(raw)
+    iso = [isolated_transfers() for _ in range(args.reps)]
+    raw_us = [1e6 / r for r in raw]
     print(f"raw SimPy: {fmt3(raw, ',.0f')} timeouts/s (min/median/max of {args.reps}, 1e6 bare timeouts each)")
+    print(f"isolated transfers ({ISO_TRANSFERS:,} x {ISO_BYTES // 1024} KB, one at a time): "
+          f"{fmt3(iso, '.2f')} us/transfer (min/median/max of {args.reps}); "
+          f"bare env.timeout: {fmt3(raw_us, '.3f')} us "
+          f"(= {statistics.median(iso) / statistics.median(raw_us):.1f} bare timeouts per transfer)")
     print()
     head = (f"{'case':<10} {'N':>6} {'events':>7} {'makespan s':>10} {'events/s (min/med/max)':>26} "
-            f"{'us/flow (min/med/max)':>24} {'flows/s / raw':>14}")
+            f"{'us/flow (min/med/max)':>24} {'flows/s / raw':>14} {'floor':>7}")
     print(head)
     print("-" * len(head))
+    ratios: dict[tuple[bool, int], float] = {}
     for staggered in (False, True):
         for n in sizes:
-            hosts, events, makespan = [], None, None
+            hosts, stub_hosts, events, makespan = [], [], None, None
             for rep in range(args.reps):
                 h, ev, ms = run_case(n, staggered)
                 hosts.append(h)
                 events, makespan = ev, ms
+                stub_hosts.append(run_case(n, staggered, network=StubNetwork)[0])
             eps = [events / h for h in hosts]
             us = [h / n * 1e6 for h in hosts]
             ratio = (n / statistics.median(hosts)) / raw_med
+            floor = (n / statistics.median(stub_hosts)) / raw_med
+            ratios[(staggered, n)] = ratio
             print(f"{'staggered' if staggered else 'burst':<10} {n:>6,} {events:>7,} {makespan:>10.4f} "
-                  f"{fmt3(eps, ',.0f'):>26} {fmt3(us, ',.1f'):>24} {ratio:>14.4f}")
+                  f"{fmt3(eps, ',.0f'):>26} {fmt3(us, ',.1f'):>24} {ratio:>14.4f} {floor:>7.4f}")
+    if args.json:
+        out = {
+            "network_flow_rate_ratio": ratios[(False, sizes[-1])],
+            "isolated_transfer_us": statistics.median(iso),
+            "n": sizes[-1],
+            "staggered_flow_rate_ratio": ratios[(True, sizes[-1])],
+            "raw_timeout_us": statistics.median(raw_us),
+            "clock": "process_time",
+        }
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+            fh.write("\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Units in the timelines: a bandwidth of 8e6 bit/s moves 1e6 bytes (1 MB) per seco
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import networkx as nx
 import pytest
@@ -16,7 +18,13 @@ from hypothesis import strategies as st
 from simkit.errors import TopologyError
 from simkit.records import Recorder
 from simkit.world.energy import EnergyMeter
-from simkit.world.network import Network, TransferAborted, maxmin_fast, maxmin_reference
+from simkit.world.network import (
+    Network,
+    TransferAborted,
+    maxmin_fast,
+    maxmin_reference,
+    maxmin_rounds,
+)
 
 MB = 1e6
 MBPS = 8e6  # bit/s that carry 1 MB per second
@@ -504,3 +512,234 @@ def test_random_networks_respect_capacity_deliver_every_byte_once_and_finish(cas
                 expected[e] = expected.get(e, 0.0) + f.nbytes
         for e, b in stats.link_bytes.items():
             assert b == pytest.approx(expected.get(e, 0.0), rel=1e-9, abs=1e-6)
+
+
+# -- the fast paths are exact: same floats as the reference, same records ---------------------------------
+
+@st.composite
+def incidence_with_ties(draw):
+    """Like ``incidence``, plus capacities from a small set (ties, levels that coincide), edges listed
+    twice by one flow, and flows with no edge."""
+    n_links = draw(st.integers(1, 8))
+    cap_value = st.sampled_from([1.0, 3.0, 10.0, 1e6, 1e7, 3.3e7, 0.1, 0.7]) | st.floats(1e-3, 1e9)
+    capacity = {l: draw(cap_value) for l in range(n_links)}
+    n_flows = draw(st.integers(1, 30))
+    link = st.integers(0, n_links - 1)
+    flow_links = [draw(st.lists(link, min_size=draw(st.sampled_from([0, 1, 1])), max_size=4))
+                  for _ in range(n_flows)]
+    if all(not links for links in flow_links):
+        flow_links[0] = [0]
+    return flow_links, capacity
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.one_of(incidence(), incidence_with_ties()))
+def test_maxmin_rounds_equals_the_reference_to_the_bit(case):
+    flow_links, capacity = case
+    ref = maxmin_reference(flow_links, capacity)
+    assert maxmin_rounds(flow_links, capacity) == ref   # ==, not approx: the same floating-point operations
+
+
+class PlainNetwork(Network):
+    """The network with its shortcuts replaced by their plain statements: every small component shared by
+    :func:`maxmin_reference` (utilisation summed as the reference path always did), and every flow checked
+    for being done at every recomputation. Runs must agree with :class:`Network` to the bit."""
+
+    def _share_small(self, keep, links, inc, now):
+        cap = self._cap
+        rates = maxmin_reference([f._li for f in keep], cap)
+        load = {}
+        for f, r in zip(keep, rates):
+            for li in f._li:
+                load[li] = load.get(li, 0.0) + r
+        self._max_util = max(self._max_util, max(x / cap[li] for li, x in load.items()))
+        self._assign(keep, rates, now)
+
+    def _assign(self, keep, rates, now):
+        super()._assign(keep, rates, now)
+        for f in keep:
+            f._due = -math.inf
+
+
+def run_logged(net_cls, g, flows, failure, extra):
+    """Run a scenario on a fresh network of ``net_cls``; everything observable, for exact comparison."""
+    env = simpy.Environment()
+    rec = Recorder()
+    meters = {v: EnergyMeter(env, idle_w=0.5, compute_w=1.0, tx_w=2.0, rx_w=1.5) for v in list(g.nodes)[::2]}
+    net = net_cls(env, g, recorder=rec, meters=meters)
+    log = []
+
+    def send(i, src, dst, nbytes, at, chain):
+        yield env.timeout(at)
+        for c in range(chain + 1):
+            try:
+                flow = yield net.transfer(src, dst, nbytes, tag=f"{i}.{c}")
+            except TransferAborted as exc:
+                log.append(("aborted", i, c, env.now, exc.flow.remaining))
+                return
+            log.append(("done", i, c, env.now, flow.data_start, flow.path))
+            src, dst = dst, src
+
+    for i, ((src, dst), nbytes, at, chain) in enumerate(flows):
+        env.process(send(i, src, dst, nbytes, at, chain))
+    if failure is not None:
+        (u, v), down, length = failure
+        net.schedule_link_failure(u, v, down, down + length)
+
+    def poke(kind, at, arg):
+        yield env.timeout(at)
+        if kind == "abort":
+            log.append(("abort", env.now, [f.id for f in net.abort_flows(arg)]))
+        elif kind == "cap":
+            u, v, bps = arg
+            net.set_capacity(u, v, bps)
+        else:
+            st_ = net.stats
+            log.append(("probe", env.now, [(f.id, f.rate) for f in net.active_flows], st_.max_utilisation,
+                        st_.recomputations))
+
+    for kind, at, arg in extra:
+        env.process(poke(kind, at, arg))
+    env.run(until=1e6)
+    st_ = net.stats
+    return (log, [tuple(r) for r in rec.lists["transfer"]], sorted(st_.link_bytes.items()), st_.max_utilisation,
+            st_.recomputations, {k: sorted(m.snapshot().items()) for k, m in meters.items()})
+
+
+@st.composite
+def exact_scenario(draw):
+    g, _, failure, _ = draw(scenario())
+    n = g.number_of_nodes()
+    if draw(st.booleans()):   # round rates (1 MB/s and multiples): transfers end on round times
+        for u, v in sorted(g.edges):
+            g.edges[u, v]["bandwidth_bps"] = draw(st.sampled_from([MBPS / 2, MBPS, MBPS, 2 * MBPS]))
+            g.edges[u, v]["latency_s"] = draw(st.sampled_from([0.0, 0.0, 0.125]))
+    # start times and sizes from small sets: many flows start, and end, at the same instants, or
+    # within rounding of each other (where "done up to rounding" decides)
+    near = st.sampled_from([0.0, 0.0, 1e-15, -1e-15, 1e-12, -1e-12, 1e-10, -1e-10, 1e-9, -1e-9, 5e-9])
+    at = (st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0]) | st.floats(0.0, 2.0)
+          | st.builds(lambda t, e: max(0.0, t * (1 + e)), st.sampled_from([0.125, 0.25, 0.5, 1.0, 2.0]), near))
+    size = (st.sampled_from([0.0, 1.25e5, 5e5, 1e6, 2e6]) | st.floats(0.0, 2e6)
+            | st.builds(lambda b, e: b * (1 + e), st.sampled_from([5e5, 1e6]), near))
+    pair = st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)).filter(lambda p: p[0] != p[1])
+    flows = draw(st.lists(st.tuples(pair, size, at, st.integers(0, 2)), min_size=1, max_size=30))
+    edges = sorted(g.edges)
+    extra = draw(st.lists(st.one_of(
+        st.tuples(st.just("abort"), at, st.integers(0, n - 1)),
+        st.tuples(st.just("cap"), at, st.tuples(*[st.just(x) for x in edges[0]], st.sampled_from([1e6, 8e6]))),
+        st.tuples(st.just("probe"), at, st.none())), max_size=4))
+    return g, flows, failure, extra
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exact_scenario())
+def test_fast_paths_give_the_same_run_as_the_plain_statements_to_the_bit(case):
+    g, flows, failure, extra = case
+    fast = run_logged(Network, g, flows, failure, extra)
+    plain = run_logged(PlainNetwork, g, flows, failure, extra)
+    assert fast == plain
+
+
+def test_a_flow_within_rounding_of_done_ends_when_its_neighbour_does(env, log):
+    # two flows share 1 MB/s; the second is 1e-10 bigger: when the first ends at 1.0 the second has
+    # 5e-5 B left (< 1e-9 of its size), so it ends then too instead of lingering 5e-11 s
+    g = nx.DiGraph()
+    duplex(g, "a", "b", MBPS)
+    rec = Recorder()
+    net = Network(env, g, recorder=rec)
+    env.process(sender(env, net, log, "A", "a", "b", 0.5 * MB))
+    env.process(sender(env, net, log, "B", "a", "b", 0.5 * MB * (1 + 1e-10)))
+    env.run()
+    assert log == [("A", "done", 1.0), ("B", "done", 1.0)]
+    assert [r.end for r in rec.lists["transfer"]] == [1.0, 1.0]
+    assert net.stats.link_bytes[("a", "b")] == pytest.approx(MB, rel=1e-9)
+
+
+def test_a_flow_joining_the_second_hop_of_a_lone_flow_re_shares_it(env, log):
+    # a -> r -> b: a->r 2 MB/s, r->b 1 MB/s (the lone flow's bottleneck); c -> r -> b joins r->b at 1.0
+    g = nx.DiGraph()
+    duplex(g, "a", "r", 2 * MBPS)
+    duplex(g, "c", "r", 2 * MBPS)
+    duplex(g, "r", "b", MBPS)
+    net = Network(env, g)
+    env.process(sender(env, net, log, "lone", "a", "b", 2 * MB))           # alone at 1 MB/s from 0
+    env.process(sender(env, net, log, "joins", "c", "b", 0.5 * MB, at=1.0))  # 1 MB left of lone at 1.0
+    env.run(until=1.5)
+    assert [f.rate for f in net.active_flows] == approx([MBPS / 2, MBPS / 2])
+    env.run()
+    # from 1.0 both at 0.5 MB/s: joins ends at 2.0; lone has 0.5 MB left then, alone again: ends at 2.5
+    assert log == approx([("joins", "done", 2.0), ("lone", "done", 2.5)])
+    assert net.stats.link_bytes[("r", "b")] == pytest.approx(2.5 * MB)
+
+
+def test_abort_flows_finds_every_flow_from_or_to_the_node_in_request_order(env):
+    g = nx.DiGraph()
+    for d in ["x", "y", "z"]:
+        duplex(g, d, "hub", MBPS, latency=0.1)
+    net = Network(env, g)
+    events = [net.transfer(src, dst, MB) for src, dst in
+              [("x", "y"), ("y", "x"), ("z", "x"), ("y", "z"), ("x", "z"), ("z", "y"), ("x", "hub")]]
+    for ev in events:
+        ev.defused = True
+    env.run(until=0.05)
+    assert [f.id for f in net.abort_flows("x")] == [0, 1, 2, 4, 6]
+    assert net.abort_flows("x") == []
+    assert [f.id for f in net.abort_flows("y")] == [3, 5]
+    assert net.open_flows == [] and net.abort_flows("hub") == [] and net.abort_flows("nowhere") == []
+
+
+def brute_force_route(g: nx.DiGraph, src, dst, down=()):
+    """Every simple path, the smallest key (exact latency, hops, node sequence in node order)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    best = None
+    for path in nx.all_simple_paths(g, src, dst):
+        edges = list(itertools.pairwise(path))
+        if any(e in down for e in edges):
+            continue
+        key = (sum(Fraction(g.edges[e]["latency_s"]) for e in edges), len(edges), [order[n] for n in path])
+        if best is None or key < best[0]:
+            best = (key, tuple(path))
+    return None if best is None else best[1]
+
+
+@st.composite
+def chain_graph(draw):
+    """Random small graphs with chains of nodes that have one edge out or in (forced hops)."""
+    n = draw(st.integers(2, 7))
+    g = nx.DiGraph()
+    g.add_nodes_from(range(n))
+    lat = st.sampled_from([0.0, 0.001, 0.002, 0.003]) | st.floats(0.0, 0.01)
+    for i in range(1, n):
+        u = draw(st.integers(0, i - 1))
+        g.add_edge(u, i, bandwidth_bps=MBPS, latency_s=draw(lat))
+        if draw(st.booleans()):
+            g.add_edge(i, u, bandwidth_bps=MBPS, latency_s=draw(lat))
+    for _ in range(draw(st.integers(0, 4))):
+        u, v = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+        if u != v:
+            g.add_edge(u, v, bandwidth_bps=MBPS, latency_s=draw(lat))
+    down = draw(st.lists(st.sampled_from(sorted(g.edges)), max_size=2)) if draw(st.booleans()) else []
+    return g, down
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(chain_graph())
+def test_routes_are_the_smallest_key_over_all_simple_paths(case):
+    g, down = case
+    net = Network(simpy.Environment(), g)
+    down_set = set()
+    for u, v in down:   # the link, both directions
+        net.link_down(u, v)
+        down_set |= {(u, v), (v, u)}
+    for a in g.nodes:
+        for b in g.nodes:
+            if a == b:
+                continue
+            expected = brute_force_route(g, a, b, down_set)
+            if expected is None:
+                with pytest.raises(TopologyError):
+                    net.route(a, b)
+            else:
+                assert net.route(a, b) == expected
+                lat = sum(g.edges[e]["latency_s"] for e in itertools.pairwise(expected))
+                assert net.path_latency(a, b) == pytest.approx(lat, rel=1e-12, abs=1e-15)

@@ -42,14 +42,26 @@ Sharing (processor sharing per link, STYLE.md #14)
     that share an edge, transitively) of the edges that changed is recomputed. Changes made at one
     simulated instant are folded into one recomputation, queued behind the events already
     scheduled for that instant (a change made after it ran queues another). :func:`maxmin_reference`
-    is the plain statement of the allocation and serves small components; :func:`maxmin_fast`
-    (numpy, level by level) computes the same rates for large ones. Completions are kept in a heap
-    with one pending SimPy timeout for the earliest; a generation counter voids timeouts that a
-    later change made obsolete (SimPy cannot cancel a timeout).
+    is the plain statement of the allocation and defines the rates of small components to the bit;
+    :func:`maxmin_fast` (numpy, level by level) computes the same rates for large ones (up to
+    rounding). Completions are kept in a heap with one pending SimPy timeout for the earliest;
+    timeouts that a later change made obsolete are ignored when they fire (SimPy cannot cancel one).
 
     Floating point: a flow is complete when its remaining bytes are below ``1e-9 * nbytes`` or its
     finish time equals ``now`` within ``1e-12`` relative, so no flow lingers with a few bytes left.
     A delivered flow counts exactly ``nbytes`` on every edge it crossed.
+
+    Host cost, without changing a bit of the above: a recomputation walks the component once,
+    sorting out done flows and taking the smallest fair share on the way. A component of one flow
+    gets the smallest capacity on its path; a small one whose first round of progressive filling
+    freezes every flow gets that round's share; both are what :func:`maxmin_reference` computes
+    then (other small components run the reference's rounds edge-wise, :func:`maxmin_rounds`: the
+    same floating-point operations). A flow whose finish is still further off than rounding could
+    bridge skips the done test; only flows whose rate changes are settled and rescheduled. Routes
+    take hops that are forced (a node with one edge out, or in) without a search. Per transfer few
+    objects are left for the garbage collector to track (heap entries and routes hold numbers and
+    strings; flows by edge and by node need no container per flow). The events are exactly those
+    described above, so runs equal those of the plain implementation to the bit.
 
 Link failure policy
     * ``link_down(u, v)``: each *active* flow through ``u<->v`` is rerouted at once over the best
@@ -87,18 +99,20 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
+import sys
 from collections.abc import Hashable, Mapping, Sequence
-from functools import partial
-from itertools import count
+from itertools import count, pairwise
 from typing import Any, NamedTuple
 
 import networkx as nx
 import numpy as np
 import simpy
+from simpy.events import NORMAL as _NORMAL
 
 from simkit.errors import TopologyError
 
-__all__ = ["Flow", "Network", "NetworkStats", "TransferAborted", "maxmin_fast", "maxmin_reference"]
+__all__ = ["Flow", "Network", "NetworkStats", "TransferAborted", "maxmin_fast", "maxmin_reference",
+           "maxmin_rounds"]
 
 _INF = math.inf
 #: a flow with fewer than this fraction of its bytes left is complete
@@ -148,7 +162,8 @@ class Flow:
     __slots__ = ("id", "src", "dst", "nbytes", "remaining", "path", "links", "rate", "start", "data_start",
                  "end", "tag", "status", "event",
                  # private bookkeeping of the Network
-                 "_si", "_di", "_li", "_t", "_fin", "_ver", "_paid", "_mtx", "_mrx")
+                 "_si", "_di", "_li", "_t", "_fin", "_hseq", "_paid", "_mtx", "_mrx", "_mark", "_rt", "_rep",
+                 "_sp", "_sn", "_dp", "_dn", "_due")
 
     def __init__(self, id: int, src: Hashable, dst: Hashable, nbytes: float, start: float, tag: str,
                  event: simpy.Event):
@@ -169,9 +184,14 @@ class Flow:
         self._li: tuple[int, ...] = ()
         self._t = start          # time `remaining` was last settled
         self._fin = _INF         # finish time at the current rate
-        self._ver = 0            # bumped whenever the rate or route changes (stale heap entries)
+        self._hseq = -1          # seq of its valid entry in the network's finish-time heap (-1: none)
         self._paid = False       # latency already waited
         self._mtx = self._mrx = None
+        self._mark = 0           # stamp of the last recomputation that visited it
+        self._rt = None          # the route it was given, and the route epoch then
+        self._rep = -1
+        self._sp = self._sn = self._dp = self._dn = None   # neighbours in its end nodes' lists
+        self._due = -_INF        # before this time it cannot be done (see Network._assign)
 
     def __repr__(self) -> str:
         return (f"Flow(id={self.id}, {self.src!r}->{self.dst!r}, nbytes={self.nbytes:g}, status={self.status!r}, "
@@ -290,14 +310,92 @@ def maxmin_fast(flow_links: Sequence[Sequence[Hashable]], capacity: Mapping[Hash
     return _waterfill(np.array(pf, dtype=np.intp), np.array(pl, dtype=np.intp), cap, len(flow_links)).tolist()
 
 
+def _fill(fl: Sequence[Sequence[int]], cap: Sequence[float], left: list, users: list,
+          act: list[int]) -> list[float]:
+    """Progressive filling with exactly the floating-point operations of :func:`maxmin_reference`.
+
+    ``fl[i]`` lists the (integer) edges of flow ``i``; ``act`` the distinct edges they use, and
+    ``users[l]`` how many of those flows cross ``l`` (each time they list it). ``left`` is scratch
+    space indexed like ``cap``. On return ``users[l]`` is 0 again for every ``l`` in ``act``.
+
+    Same rounds as the reference, computed per edge instead of per (flow, edge) pair: every flow
+    still growing has received the same increments in the same order, so its rate is one running
+    sum ``acc`` (the reference adds ``inc`` to each flow separately, from 0.0, in the same order:
+    the same float); each edge's ``left`` undergoes the same subtractions ``left - inc * k``; the
+    users of the next round are this round's minus the flows just frozen. The result is identical
+    to the bit, at O(edges) per round plus O(pairs) in all.
+    """
+    for l in act:
+        left[l] = float(cap[l])
+    n = len(fl)
+    rate = [0.0] * n
+    growing: Sequence[int] = range(n)
+    acc = 0.0
+    neg = -_INF   # marks an edge found full this round (no growing flow crosses it afterwards)
+    while True:
+        inc = _INF
+        for l in act:
+            s = left[l] / users[l]
+            if s < inc:
+                inc = s
+        acc += inc
+        nxt = []
+        for l in act:
+            x = left[l] - inc * users[l]
+            if x <= _FULL_EPS * cap[l]:
+                left[l] = neg
+            else:
+                left[l] = x
+                nxt.append(l)
+        still = []
+        for i in growing:
+            links = fl[i]
+            for l in links:
+                if left[l] == neg:
+                    break
+            else:
+                still.append(i)
+                continue
+            rate[i] = acc
+            for l in links:
+                users[l] -= 1
+        if not still:
+            return rate
+        growing = still
+        act = [l for l in nxt if users[l]]
+
+
+def maxmin_rounds(flow_links: Sequence[Sequence[Hashable]], capacity: Mapping[Hashable, float]) -> list[float]:
+    """:func:`maxmin_reference` computed edge-wise: the same arguments and the same result to the bit.
+
+    It runs the reference's rounds with the same floating-point operations (see :func:`_fill`,
+    which the network runs for small components whose first round does not settle every flow).
+    """
+    local: dict[Hashable, int] = {}
+    fl: list[list[int]] = []
+    users: list[int] = []
+    unconstrained = []
+    for i, links in enumerate(flow_links):
+        if not links:
+            unconstrained.append(i)
+            continue
+        li = []
+        for link in links:
+            j = local.get(link)
+            if j is None:
+                j = local[link] = len(local)
+                users.append(0)
+            users[j] += 1
+            li.append(j)
+        fl.append(li)
+    cap = [capacity[link] for link in local]
+    rates = _fill(fl, cap, [0.0] * len(cap), users, list(range(len(cap)))) if fl else []
+    for i in unconstrained:
+        rates.insert(i, _INF)
+    return rates
+
+
 # -- routing -------------------------------------------------------------------------------------------
-
-class _Route(NamedTuple):
-    nodes: tuple
-    links: tuple
-    lidx: tuple
-    latency: float
-
 
 class _Tree:
     """A lazily grown shortest-path tree (from a source, or towards a destination)."""
@@ -321,6 +419,34 @@ def _positive_real(x: Any) -> bool:
 
 
 # -- the network ----------------------------------------------------------------------------------------
+
+class _LatencyTimer(simpy.events.Timeout):
+    """The timeout of a flow's latency phase; it carries the flow (no closure per transfer)."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, env: simpy.Environment, delay: float, flow: Flow, callback):
+        # what Timeout.__init__ does (the same scheduling), plus the flow
+        self.env = env
+        self.callbacks = [callback]
+        self._value = None
+        self._delay = delay
+        self._ok = True
+        self.flow = flow
+        env.schedule(self, _NORMAL, delay)
+
+
+class _Wakeup(simpy.events.Event):
+    """The one event that runs the queued recomputation; reused (at most one is queued at a time)."""
+
+    def __init__(self, env: simpy.Environment):
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+
+
+_MAX_FLOAT = sys.float_info.max
+
 
 class Network:
     """Flows over a directed topology, max-min fair, with link failures (see the module docstring).
@@ -386,31 +512,55 @@ class Network:
             self._eidx[(ui, vi)] = li
             self._succ[ui].append((vi, lat_int[li], li))
             self._pred[vi].append((ui, lat_int[li], li))
-        self._down: list[bool] = [False] * len(self._edges)
+        # a node's only edge out (in), where it has exactly one: every path leaves (enters) by it
+        self._out1 = [a[0] if len(a) == 1 else None for a in self._succ]
+        self._in1 = [a[0] if len(a) == 1 else None for a in self._pred]
+        # tuples, not lists: read-only from here on, and not tracked by the garbage collector
+        self._succ = [tuple(a) for a in self._succ]
+        self._pred = [tuple(a) for a in self._pred]
+        n_edges = len(self._edges)
+        self._down: list[bool] = [False] * n_edges
         self._n_down = 0
 
         # routing caches
-        self._pairs: dict[tuple[int, int], _Route | None] = {}
+        self._pairs: dict[int, tuple | None] = {}    # routes (_route_idx) by src * n_nodes + dst
         self._fwd: dict[int, _Tree] = {}
         self._rev: dict[int, _Tree] = {}
         self._dst_uses: dict[int, int] = {}
+        self._epoch = 0                               # bumped whenever the route cache is dropped
 
         # flow state
         self._ids = count()
-        self._open: dict[int, Flow] = {}                      # unfinished flows by id
-        self._by_node: dict[Hashable, dict[Flow, None]] = {}  # unfinished flows by end node
-        self._link_flows: list[dict[Flow, None]] = [{} for _ in self._edges]  # active flows per edge
+        self._open: dict[int, Flow] = {}                        # unfinished flows by id
+        # unfinished flows by end node: a doubly linked list through the flows (_sp/_sn where the
+        # node is the source, _dp/_dn where it is the destination), head by node index
+        self._node_head: list[Flow | None] = [None] * n
+        # active flows per edge, in joining order: None (none), the Flow (one), or a dict (several)
+        self._link_flows: list[Any] = [None] * n_edges
         self._stalled: dict[Flow, None] = {}
         self._dirty: dict[int, None] = {}                     # edges whose sharing changed
         self._pending = False                                 # a recomputation is queued for now
-        self._heap: list[tuple[float, int, int, Flow]] = []   # (finish, seq, version, flow)
+        self._wakeup = _Wakeup(env)                           # the event that runs it (reused)
+        self._wakeup_cbs = [self._recompute]
+        # finish times: (finish, seq, flow id), valid while the flow's _hseq is seq; numbers only,
+        # so the garbage collector stops tracking the entries
+        self._heap: list[tuple[float, int, int]] = []
         self._seq = count()
-        self._timer_gen = 0
+        self._timer: simpy.Event | None = None                # the one pending completion timer that counts
         self._timer_at: float | None = None
+        self._on_timer_cb = self._on_timer
+        self._latency_cb = self._on_latency
         self._n_active = 0
+        self._heap_changed = False   # since the last _arm_timer: a flow rated, closed or off its edges
+        # scratch space of the recomputation, indexed by edge (see _recompute and _fill)
+        self._stamp = 0
+        self._lmark = [0] * n_edges
+        self._users = [0] * n_edges
+        self._left = [0.0] * n_edges
+        self._load = [0.0] * n_edges
 
         # counters
-        self._link_bytes: list[float] = [0.0] * len(self._edges)
+        self._link_bytes: list[float] = [0.0] * n_edges
         self._max_util = 0.0
         self._recomputations = 0
         self._delivered = 0
@@ -425,14 +575,23 @@ class Network:
             ValueError: ``nbytes`` is negative or not finite.
             TopologyError: an unknown node, or no path joins ``src`` to ``dst`` even with every link up.
         """
-        if not (isinstance(nbytes, numbers.Real) and math.isfinite(nbytes) and nbytes >= 0):
+        t = type(nbytes)
+        if (not ((t is float or t is int) and 0 <= nbytes <= _MAX_FLOAT)   # the common case, checked fast
+                and not (isinstance(nbytes, numbers.Real) and math.isfinite(nbytes) and nbytes >= 0)):
             raise ValueError(f"nbytes must be a finite number >= 0, got {nbytes!r}")
-        si, di = self._node_index(src), self._node_index(dst)
+        nidx = self._nidx
+        si = nidx.get(src)
+        if si is None:
+            self._node_index(src)
+        di = nidx.get(dst)
+        if di is None:
+            self._node_index(dst)
         env = self.env
-        now = env.now
-        ev = env.event()
+        now = env._now
+        ev = simpy.Event(env)
         f = Flow(next(self._ids), src, dst, float(nbytes), now, tag, ev)
-        f._si, f._di = si, di
+        f._si = si
+        f._di = di
         if si == di:  # nothing crosses a link
             f.path = (src,)
             f.data_start = f.end = now
@@ -443,15 +602,33 @@ class Network:
             self._record(f)
             ev.succeed(f)
             return ev
-        route = self._route_idx(si, di)
+        route = self._pairs.get(si * len(self._nodes) + di, _MISS)
+        if route is _MISS:
+            route = self._route_idx(si, di)
         if route is None and not self._reachable(src, dst):
             raise TopologyError(f"no path from {src!r} to {dst!r} in the topology")
         meters = self.meters
-        f._mtx = meters.get(src)
-        f._mrx = meters.get(dst)
+        if meters:
+            f._mtx = meters.get(src)
+            f._mrx = meters.get(dst)
         self._open[f.id] = f
-        self._by_node.setdefault(src, {})[f] = None
-        self._by_node.setdefault(dst, {})[f] = None
+        heads = self._node_head
+        h = heads[si]   # push f at the head of both end nodes' lists
+        if h is not None:
+            if h._si == si:
+                h._sp = f
+            else:
+                h._dp = f
+            f._sn = h
+        heads[si] = f
+        h = heads[di]
+        if h is not None:
+            if h._si == di:
+                h._sp = f
+            else:
+                h._dp = f
+            f._dn = h
+        heads[di] = f
         if route is None:   # only links that are down separate the ends: wait for one to come back
             f.status = "stalled"
             self._stalled[f] = None
@@ -471,12 +648,12 @@ class Network:
                 raise TopologyError(f"no path from {src!r} to {dst!r} while {self._n_down} link "
                                     "direction(s) are down")
             raise TopologyError(f"no path from {src!r} to {dst!r} in the topology")
-        return r.nodes
+        return r[0]
 
     def path_latency(self, src: Hashable, dst: Hashable) -> float:
         """Sum of ``latency_s`` along :meth:`route` (exactly rounded), in seconds."""
         self.route(src, dst)
-        return self._route_idx(self._nidx[src], self._nidx[dst]).latency
+        return self._route_idx(self._nidx[src], self._nidx[dst])[3]
 
     def link_down(self, u: Hashable, v: Hashable) -> None:
         """Take the link ``u<->v`` (both directions that exist) down now; reroute or stall its flows."""
@@ -492,7 +669,9 @@ class Network:
             self.recorder.state(f"{u}<->{v}", self.env.now, "link_down", "")
         affected: dict[Flow, None] = {}
         for li in changed:
-            affected.update(self._link_flows[li])
+            on = self._link_flows[li]
+            if on is not None:
+                affected.update({on: None} if on.__class__ is Flow else on)
         for f in affected:
             self._leave_links(f)
             route = self._route_idx(f._si, f._di)
@@ -561,7 +740,13 @@ class Network:
         Each dropped flow is recorded with status ``'dropped'`` and its event fails with
         :class:`TransferAborted` (defused: an unwatched failure does not stop the run).
         """
-        flows = sorted(self._by_node.get(node, {}), key=lambda f: f.id)
+        i = self._nidx.get(node)
+        mine = []
+        f = self._node_head[i] if i is not None else None
+        while f is not None:
+            mine.append(f)
+            f = f._sn if f._si == i else f._dn
+        flows = sorted(mine, key=lambda f: f.id)
         for f in flows:
             self._close(f, "dropped")
             f.event.defused = True
@@ -623,14 +808,62 @@ class Network:
         self._pairs.clear()
         self._fwd.clear()
         self._rev.clear()
+        self._epoch += 1
 
-    def _route_idx(self, s: int, t: int) -> _Route | None:
-        r = self._pairs.get((s, t), _MISS)
+    def _route_idx(self, s: int, t: int) -> tuple | None:
+        """The route from node index s to t: ``(nodes, links, edge indices, latency, latency as integer)``."""
+        key = s * len(self._nodes) + t
+        r = self._pairs.get(key, _MISS)
         if r is _MISS:
-            r = self._pairs[(s, t)] = self._compute_route(s, t)
+            r = self._pairs[key] = self._compute_route(s, t)
         return r
 
-    def _compute_route(self, s: int, t: int) -> _Route | None:
+    def _compute_route(self, s: int, t: int) -> tuple | None:
+        # Hops that are forced come first: while the path's current first node has only one edge
+        # out (a device's access link), every path takes it; likewise into its last node. The best
+        # path is the forced hops followed (preceded) by the best path from the node they lead to
+        # (that one never revisits a forced node: it would contain a cycle), with the same key
+        # order, since all candidates share the forced hops (same latency added, same hops, same
+        # node prefix or suffix). That rest is cached and shared: gateway -> server by its devices.
+        down = self._down
+        out1 = self._out1
+        if out1[s] is not None:
+            pre, pl, lat = [s], [], 0
+            u = s
+            while u != t and out1[u] is not None:
+                v, llat, li = out1[u]
+                if down[li] or v in pre:   # the only way on is down, or leads round in a circle
+                    return None
+                pre.append(v)
+                pl.append(li)
+                lat += llat
+                u = v
+            rest = self._route_idx(u, t) if u != t else ((self._nodes[t],), (), (), 0.0, 0)
+            if rest is None:
+                return None
+            nodes = tuple(map(self._nodes.__getitem__, pre[:-1])) + rest[0]
+            lidx = tuple(pl)
+            return (nodes, tuple(map(self._edges.__getitem__, lidx)) + rest[1], lidx + rest[2],
+                    (lat + rest[4]) / self._lat_den, lat + rest[4])
+        in1 = self._in1
+        if in1[t] is not None:
+            suf, sl, lat = [t], [], 0
+            w = t
+            while w != s and in1[w] is not None:
+                v, llat, li = in1[w]
+                if down[li] or v in suf:
+                    return None
+                suf.append(v)
+                sl.append(li)
+                lat += llat
+                w = v
+            rest = self._route_idx(s, w) if w != s else ((self._nodes[s],), (), (), 0.0, 0)
+            if rest is None:
+                return None
+            nodes = rest[0] + tuple(map(self._nodes.__getitem__, suf[-2::-1]))
+            lidx = tuple(sl[::-1])
+            return (nodes, rest[1] + tuple(map(self._edges.__getitem__, lidx)), rest[2] + lidx,
+                    (lat + rest[4]) / self._lat_den, lat + rest[4])
         # Grow a shortest-path tree lazily and keep it: from s if we already have one, else towards
         # t if t was asked for before (many-to-one uploads), else from s (one-to-many downloads).
         # Both directions find the same path: the key (exact latency, hops, node sequence) is total
@@ -648,10 +881,11 @@ class Network:
         if key is None:
             return None
         lat_int, _, seq = key
-        nodes = tuple(self._nodes[i] for i in seq)
-        lidx = tuple(self._eidx[(seq[k], seq[k + 1])] for k in range(len(seq) - 1))
-        links = tuple(self._edges[li] for li in lidx)
-        return _Route(nodes, links, lidx, lat_int / self._lat_den)   # int / int: correctly rounded
+        nodes = tuple(map(self._nodes.__getitem__, seq))
+        lidx = tuple(map(self._eidx.__getitem__, pairwise(seq)))
+        links = tuple(map(self._edges.__getitem__, lidx))
+        # a plain tuple of plain values: the garbage collector stops tracking it
+        return (nodes, links, lidx, lat_int / self._lat_den, lat_int)   # int / int: correctly rounded
 
     @staticmethod
     def _new_tree(trees: dict[int, _Tree], root: int, forward: bool) -> _Tree:
@@ -689,24 +923,30 @@ class Network:
         return None
 
     # -- flow life cycle --------------------------------------------------------------------------
-    def _begin_latency(self, f: Flow, route: _Route) -> None:
+    def _begin_latency(self, f: Flow, route: tuple) -> None:
         f.status = "latency"
-        f.path, f.links, f._li = route.nodes, route.links, route.lidx
-        if route.latency > 0:
-            self.env.timeout(route.latency).callbacks.append(partial(self._latency_done, f))
+        f.path, f.links, f._li, latency, _ = route
+        f._rt = route
+        f._rep = self._epoch
+        if latency > 0:
+            _LatencyTimer(self.env, latency, f, self._latency_cb)
         else:
-            self._latency_done(f, None)
+            self._latency_done(f)
 
-    def _latency_done(self, f: Flow, _ev: Any) -> None:
+    def _on_latency(self, ev: _LatencyTimer) -> None:
+        self._latency_done(ev.flow)
+
+    def _latency_done(self, f: Flow) -> None:
         if f.status != "latency":   # aborted meanwhile
             return
         f._paid = True
         if f.nbytes == 0:
-            f.data_start = self.env.now
+            f.data_start = self.env._now
             self._close(f, "delivered")
             f.event.succeed(f)
             return
-        route = self._route_idx(f._si, f._di)   # the route as of now (links may have changed)
+        # the route as of now (links may have changed); the cached one if no link went down or up
+        route = f._rt if f._rep == self._epoch else self._route_idx(f._si, f._di)
         if route is None:
             f.path, f.links, f._li = (), (), ()
             f.status = "stalled"
@@ -714,40 +954,61 @@ class Network:
         else:
             self._activate_on(f, route)
 
-    def _activate_on(self, f: Flow, route: _Route) -> None:
+    def _activate_on(self, f: Flow, route: tuple) -> None:
         """Make a flow active on ``route`` (radios on)."""
         if f.data_start is None:
-            f.data_start = self.env.now
+            f.data_start = self.env._now
         self._join_links(f, route)
         if f._mtx is not None:
             f._mtx.begin("tx")
         if f._mrx is not None:
             f._mrx.begin("rx")
         self._n_active += 1
-        self._request_recompute()
+        if not self._pending:   # _request_recompute, inlined
+            self._pending = True
+            ev = self._wakeup
+            ev.callbacks = self._wakeup_cbs
+            self.env.schedule(ev)
 
-    def _join_links(self, f: Flow, route: _Route) -> None:
+    def _join_links(self, f: Flow, route: tuple) -> None:
         f.status = "active"
-        f.path, f.links, f._li = route.nodes, route.links, route.lidx
+        f.path, f.links, f._li, _, _ = route
         f.rate = 0.0
-        f._t = self.env.now
+        f._t = self.env._now
         f._fin = _INF
-        f._ver += 1
+        f._due = -_INF
+        f._hseq = -1
         lf, dirty = self._link_flows, self._dirty
-        for li in route.lidx:
-            lf[li][f] = None
+        for li in f._li:
+            on = lf[li]
+            if on is None:
+                lf[li] = f
+            elif on.__class__ is Flow:
+                lf[li] = {on: None, f: None}
+            else:
+                on[f] = None
             dirty[li] = None
 
     def _leave_links(self, f: Flow) -> None:
         """Settle an active flow and take it off its edges (rate 0); its status is the caller's."""
-        self._settle(f, self.env.now)
-        lf, dirty = self._link_flows, self._dirty
-        for li in f._li:
-            del lf[li][f]
-            dirty[li] = None
+        self._settle(f, self.env._now)
+        self._off_links(f)
         f.rate = 0.0
         f._fin = _INF
-        f._ver += 1
+        f._hseq = -1
+        self._heap_changed = True
+
+    def _off_links(self, f: Flow) -> None:
+        lf, dirty = self._link_flows, self._dirty
+        for li in f._li:
+            on = lf[li]
+            if on is f:
+                lf[li] = None
+            else:
+                del on[f]
+                if not on:
+                    lf[li] = None
+            dirty[li] = None
 
     def _stall(self, f: Flow) -> None:
         f.status = "stalled"
@@ -776,17 +1037,23 @@ class Network:
 
     def _close(self, f: Flow, status: str) -> None:
         """End a flow (``'delivered'`` or ``'dropped'``): off its edges, radios off, recorded."""
-        now = self.env.now
-        if f.status == "active":
+        now = self.env._now
+        st = f.status
+        if st == "active":
+            lidx = f._li
             if status == "delivered":   # the last bytes, whatever rounding left
                 lb = self._link_bytes
-                for li in f._li:
-                    lb[li] += f.remaining
+                rem = f.remaining
+                for li in lidx:
+                    lb[li] += rem
                 f.remaining = 0.0
-                f._t = now
-            self._leave_links(f)
+            else:
+                self._settle(f, now)
+            f._t = now
+            self._off_links(f)   # (_leave_links: a delivered flow is settled already)
+            f._fin = _INF
             self._radios_off(f)
-        elif f.status == "stalled":
+        elif st == "stalled":
             del self._stalled[f]
         if status == "delivered":
             f.remaining = 0.0
@@ -797,13 +1064,40 @@ class Network:
         f.status = status
         f.end = now
         f.rate = 0.0
-        f._ver += 1
+        f._hseq = -1
+        self._heap_changed = True
         if f.data_start is None:
             f.data_start = now
         del self._open[f.id]
-        self._by_node[f.src].pop(f, None)
-        self._by_node[f.dst].pop(f, None)
-        self._record(f)
+        # off both end nodes' lists
+        heads = self._node_head
+        si, p, nxt = f._si, f._sp, f._sn
+        if p is None:
+            heads[si] = nxt
+        elif p._si == si:
+            p._sn = nxt
+        else:
+            p._dn = nxt
+        if nxt is not None:
+            if nxt._si == si:
+                nxt._sp = p
+            else:
+                nxt._dp = p
+        di, p, nxt = f._di, f._dp, f._dn
+        if p is None:
+            heads[di] = nxt
+        elif p._si == di:
+            p._sn = nxt
+        else:
+            p._dn = nxt
+        if nxt is not None:
+            if nxt._si == di:
+                nxt._sp = p
+            else:
+                nxt._dp = p
+        f._sp = f._sn = f._dp = f._dn = None
+        if self.recorder is not None:
+            self.recorder.transfer(f.id, f.src, f.dst, f.nbytes, f.start, f.data_start, now, f.tag, status)
 
     def _record(self, f: Flow) -> None:
         if self.recorder is not None:
@@ -814,68 +1108,248 @@ class Network:
         """Queue one recomputation for this instant, after the events already queued for it."""
         if not self._pending:
             self._pending = True
-            ev = self.env.event()
-            ev.callbacks.append(self._recompute)
-            ev.succeed()
+            ev = self._wakeup
+            ev.callbacks = self._wakeup_cbs
+            self.env.schedule(ev)
 
     def _recompute(self, _ev: Any = None) -> None:
         self._pending = False
-        if not self._dirty:
+        dirty = self._dirty
+        if not dirty:
             return
         self._recomputations += 1
-        now = self.env.now
-        dirty = self._dirty
+        now = self.env._now
         self._dirty = {}
-        # the connected component of the changed edges: flows on them, their edges, and so on
-        lf = self._link_flows
+        # The connected component of the changed edges: flows on them, their edges, and so on,
+        # walked in the order of a breadth-first search (marks instead of sets). Each flow found
+        # is sorted at once into those that are done (up to rounding: they end now instead of
+        # lingering) and those that share; the done ones are closed after the search, in the order
+        # found, before the rates are computed. The smallest fair share over the edges (the first
+        # round of progressive filling) is taken on the way; ``links`` keeps the changed edges and
+        # the shared ones (an edge that only one flow crosses is that flow's business).
+        lf, cap = self._link_flows, self._cap
+        lmark = self._lmark
+        stamp = self._stamp = self._stamp + 1
         links = list(dirty)
-        seen_l = set(links)
-        seen_f: set[Flow] = set()
-        flows: list[Flow] = []
+        for li in links:
+            lmark[li] = stamp
+        keep: list[Flow] = []
+        done: list[Flow] | None = None
+        tnow = now + _TIME_EPS * abs(now)
+        inc = _INF
         i = 0
         while i < len(links):
-            for f in lf[links[i]]:
-                if f not in seen_f:
-                    seen_f.add(f)
-                    flows.append(f)
-                    for l2 in f._li:
-                        if l2 not in seen_l:
-                            seen_l.add(l2)
-                            links.append(l2)
+            li = links[i]
             i += 1
-        # flows that are done (up to rounding) end now instead of lingering
-        keep = []
-        tnow = now + _TIME_EPS * abs(now)
-        for f in flows:
-            rem = f.remaining - f.rate * (now - f._t) / 8.0 if f.rate else f.remaining
-            if rem <= _REMAINING_EPS * f.nbytes or f._fin <= tnow:
-                self._close(f, "delivered")
-                f.event.succeed(f)
+            on = lf[li]
+            if on is None:
+                continue
+            if on.__class__ is Flow:
+                x = cap[li]
+                if x < inc:
+                    inc = x
+                if on._mark == stamp:   # e.g. the access link of a flow met on a shared edge
+                    continue
+                on = (on,)
             else:
-                keep.append(f)
-        self._dirty.clear()   # only edges of this component were touched above
-        if keep:
-            rates = self._rates(keep)
-            heap, seq = self._heap, self._seq
-            for f, r in zip(keep, rates):
-                if r != f.rate:
-                    self._settle(f, now)
-                    f.rate = r
-                    f._ver += 1
-                    f._fin = fin = now + f.remaining * 8.0 / r
-                    heapq.heappush(heap, (fin, next(seq), f._ver, f))
-        self._arm_timer()
+                x = cap[li] / len(on)
+                if x < inc:
+                    inc = x
+            for f in on:
+                if f._mark != stamp:
+                    f._mark = stamp
+                    for l2 in f._li:
+                        if lmark[l2] != stamp:
+                            lmark[l2] = stamp
+                            if lf[l2] is f:   # its own edge (no other flow): share = capacity
+                                x = cap[l2]
+                                if x < inc:
+                                    inc = x
+                            else:
+                                links.append(l2)
+                    if now >= f._due:   # else it cannot be done yet (see _assign)
+                        rate = f.rate
+                        rem = f.remaining - rate * (now - f._t) / 8.0 if rate else f.remaining
+                        if rem <= _REMAINING_EPS * f.nbytes or f._fin <= tnow:
+                            if done is None:
+                                done = [f]
+                            else:
+                                done.append(f)
+                            continue
+                    keep.append(f)
+        if done is not None or len(keep) >= self._NUMPY_MIN_FLOWS:
+            if done is not None:
+                for f in done:
+                    self._close(f, "delivered")
+                    f.event.succeed(f)
+                self._dirty.clear()   # only edges of this component were touched
+            if keep:
+                self._assign(keep, self._rates(keep), now)
+        elif keep:
+            self._share_small(keep, links, inc, now)
+        if self._heap_changed:   # else _arm_timer has nothing to do
+            self._arm_timer()
+
+    def _share_small(self, keep: list[Flow], links: list[int], inc: float, now: float) -> None:
+        """Share a small component: ``keep``, ``links`` its changed and shared edges, ``inc`` its smallest share.
+
+        One flow alone: the reference's single round gives it the smallest capacity on its path
+        (0.0 + min(cap / 1)), and that edge's utilisation is exactly 1.0.
+
+        Several: the first round of the reference. Every flow grows by ``inc``; an edge is full
+        when ``cap - inc * users <= eps * cap``. If every flow crosses a full edge, the rates are
+        all ``0.0 + inc``; otherwise :meth:`_rates` runs the reference's rounds. Same floats
+        either way, and the same peak utilisation: once it is >= 1.0, only a full edge with
+        several flows (inc added once per flow may round above its capacity) or one with more
+        than 4096 can raise it. An edge with one flow has load ``inc <= cap``; a non-full edge
+        has ``inc * k < cap * (1 - eps)``, below its capacity even after adding ``k <= 4096``
+        terms with rounding.
+        """
+        if len(keep) == 1:
+            if self._max_util < 1.0:
+                self._max_util = 1.0
+            if keep[0].rate != inc:
+                self._assign(keep, [inc], now)
+            return
+        if self._max_util < 1.0:   # before the first full edge: the plain way, every edge's load
+            self._assign(keep, self._rates(keep), now)
+            return
+        cap, left, lf = self._cap, self._left, self._link_flows
+        neg = -_INF
+        util = 0.0
+        for li in links:   # shared edges: full or not
+            on = lf[li]
+            if on is None or on.__class__ is Flow:
+                continue
+            k = len(on)
+            c = cap[li]
+            if c - inc * k <= _FULL_EPS * c:
+                left[li] = neg
+            else:
+                left[li] = 0.0
+                if k <= 4096:
+                    continue
+            x = inc   # the edge's load: inc added once per flow
+            while k > 1:
+                x += inc
+                k -= 1
+            x /= c
+            if x > util:
+                util = x
+        changed = None
+        for f in keep:
+            for li in f._li:
+                on = lf[li]
+                if on is f:   # its own edge
+                    c = cap[li]
+                    if c - inc <= _FULL_EPS * c:
+                        break
+                elif left[li] == neg:
+                    break
+            else:   # a flow grows on: more rounds
+                self._assign(keep, self._rates(keep), now)
+                return
+            if f.rate != inc:
+                if changed is None:
+                    changed = [f]
+                else:
+                    changed.append(f)
+        if util > self._max_util:
+            self._max_util = util
+        if changed is not None:
+            self._assign(changed, [inc] * len(changed), now)
+
+    def _assign(self, keep: list[Flow], rates: list[float], now: float) -> None:
+        """Give the flows their new rates: settle those whose rate changes, new finish times."""
+        heap, seq = self._heap, self._seq
+        lb = self._link_bytes
+        heappush = heapq.heappush
+        for f, r in zip(keep, rates):
+            old = f.rate
+            if r != old:
+                dt = now - f._t   # _settle, inlined
+                if dt > 0 and old > 0:
+                    sent = old * dt / 8.0
+                    if sent > f.remaining:
+                        sent = f.remaining
+                    f.remaining -= sent
+                    for li in f._li:
+                        lb[li] += sent
+                f._t = now
+                f.rate = r
+                f._fin = fin = now + f.remaining * 8.0 / r
+                # Before _due the flow cannot pass the done test of _recompute: that needs
+                # now >= fin - 1e-9 * nbytes * 8 / r (up to rounding errors of a few ulps of the
+                # bytes and times involved), or now * (1 + 1e-12) >= fin. The margin below is
+                # twice the first and 3e-12 * fin for the second and for rounding.
+                f._due = fin - (2e-9 * 8.0 * f.nbytes / r + 3e-12 * abs(fin))
+                f._hseq = sq = next(seq)
+                heappush(heap, (fin, sq, f.id))
+        self._heap_changed = True
 
     def _rates(self, flows: list[Flow]) -> list[float]:
         """Max-min rates of a closed component of active flows; also tracks the peak utilisation."""
         cap = self._cap
-        if len(flows) < self._NUMPY_MIN_FLOWS:
-            rates = maxmin_reference([f._li for f in flows], cap)
-            load: dict[int, float] = {}
-            for f, r in zip(flows, rates):
-                for li in f._li:
-                    load[li] = load.get(li, 0.0) + r
-            util = max(x / cap[li] for li, x in load.items())
+        n = len(flows)
+        if n < self._NUMPY_MIN_FLOWS:
+            if n == 1:
+                # one flow: the reference's single round gives it the smallest capacity on its path
+                # (0.0 + min(cap / 1)), and that edge's utilisation is exactly 1.0
+                rates = [min(map(cap.__getitem__, flows[0]._li))]
+                util = 1.0
+            else:
+                users, left = self._users, self._left
+                act: list[int] = []
+                fl = []
+                for f in flows:
+                    li = f._li
+                    fl.append(li)
+                    for l in li:
+                        k = users[l]
+                        if not k:
+                            act.append(l)
+                        users[l] = k + 1
+                # the reference's first round (left == capacity): often it freezes every flow
+                inc = _INF
+                for l in act:
+                    x = cap[l] / users[l]
+                    if x < inc:
+                        inc = x
+                neg = -_INF
+                for l in act:
+                    c = cap[l]
+                    left[l] = neg if c - inc * users[l] <= _FULL_EPS * c else 0.0
+                for li in fl:
+                    for l in li:
+                        if left[l] == neg:
+                            break
+                    else:
+                        break   # a flow still grows: more rounds
+                else:
+                    # one round: every rate is 0.0 + inc; an edge's load is inc added once per user
+                    rates = [inc] * n
+                    util = 0.0
+                    for l in act:
+                        k = users[l]
+                        users[l] = 0
+                        x = inc
+                        while k > 1:
+                            x += inc
+                            k -= 1
+                        x /= cap[l]
+                        if x > util:
+                            util = x
+                    if util > self._max_util:
+                        self._max_util = util
+                    return rates
+                rates = _fill(fl, cap, left, users, act)
+                load = self._load
+                for l in act:
+                    load[l] = 0.0
+                for li, r in zip(fl, rates):
+                    for l in li:
+                        load[l] += r
+                util = max([load[l] / cap[l] for l in act])
         else:
             local: dict[int, int] = {}
             pf: list[int] = []
@@ -898,39 +1372,45 @@ class Network:
         return rates
 
     def _arm_timer(self) -> None:
-        """Keep one pending timeout at the earliest finish time (a generation counter voids old ones)."""
+        """Keep one pending timeout at the earliest finish time (older ones are ignored when they fire)."""
+        self._heap_changed = False
         heap = self._heap
+        flows = self._open
         while heap:
-            _, _, ver, f = heap[0]
-            if ver == f._ver and f.status == "active":
+            _, sq, fid = heap[0]
+            f = flows.get(fid)
+            if f is not None and f._hseq == sq:
                 break
             heapq.heappop(heap)
         if len(heap) > 4 * self._n_active + 256:   # drop stale entries in bulk
-            heap[:] = [e for e in heap if e[2] == e[3]._ver and e[3].status == "active"]
+            heap[:] = [e for e in heap if (f := flows.get(e[2])) is not None and f._hseq == e[1]]
             heapq.heapify(heap)
         if not heap:
-            self._timer_gen += 1
+            self._timer = None
             self._timer_at = None
             return
         t = heap[0][0]
         if self._timer_at is not None and self._timer_at <= t:
             return   # the pending timer fires first and re-arms
-        self._timer_gen += 1
         self._timer_at = t
-        now = self.env.now
-        self.env.timeout(t - now if t > now else 0.0).callbacks.append(partial(self._on_timer, self._timer_gen))
+        now = self.env._now
+        ev = self._timer = self.env.timeout(t - now if t > now else 0.0)
+        ev.callbacks.append(self._on_timer_cb)
 
-    def _on_timer(self, gen: int, _ev: Any) -> None:
-        if gen != self._timer_gen:
+    def _on_timer(self, ev: Any) -> None:
+        if ev is not self._timer:
             return
+        self._timer = None
         self._timer_at = None
-        now = self.env.now
+        now = self.env._now
         tnow = now + _TIME_EPS * abs(now)
         heap = self._heap
+        flows = self._open
         ended = False
         while heap and heap[0][0] <= tnow:
-            _, _, ver, f = heapq.heappop(heap)
-            if ver == f._ver and f.status == "active":
+            _, sq, fid = heapq.heappop(heap)
+            f = flows.get(fid)
+            if f is not None and f._hseq == sq:
                 self._close(f, "delivered")
                 f.event.succeed(f)
                 ended = True
