@@ -44,7 +44,7 @@ class EnergyMeter:
     __slots__ = (
         "env", "idle_w", "compute_w", "tx_w", "rx_w", "tail_w", "tail_s", "slots",
         "battery_j", "on_empty", "joules", "on", "busy", "tx", "rx", "tail_until",
-        "last", "_gen", "started", "on_time",
+        "last", "_gen", "started", "on_time", "_check_at",
     )
 
     def __init__(self, env: simpy.Environment, *, idle_w: float, compute_w: float, tx_w: float = 0.0,
@@ -66,6 +66,7 @@ class EnergyMeter:
         self.started = env.now
         self.on_time = 0.0
         self._gen = 0
+        self._check_at = math.inf  # when the pending battery check fires (inf: none pending)
         if battery_j is not None:
             self._schedule_empty()
 
@@ -159,12 +160,22 @@ class EnergyMeter:
             self._schedule_empty()
 
     def _schedule_empty(self) -> None:
-        self._gen += 1
+        """Make sure a battery check is pending at or before the instant the charge runs out.
+
+        One check is kept pending. A state change schedules a new one only if the charge would
+        now run out *earlier* than the pending check; otherwise the pending check fires first,
+        finds charge left and reschedules from the state at that time. So the empty instant is
+        exact, and stale timeouts do not pile up in the event queue (one per state change would
+        grow memory and slow the whole simulation for long runs of large fleets).
+        """
         if not self.on:
+            self._gen += 1  # void the pending check
+            self._check_at = math.inf
             return
         used = sum(self.joules.values())
         left = self.battery_j - used
         p = self.power()
+        now = self.env.now
         if left <= 0:
             delay = 0.0
         elif p <= 0:
@@ -172,8 +183,13 @@ class EnergyMeter:
         else:
             delay = left / p
             # if the tail ends before the charge runs out, power drops then: re-check at that instant
-            if not self.tx and not self.rx and self.tail_until > self.env.now:
-                delay = min(delay, self.tail_until - self.env.now)
+            if not self.tx and not self.rx and self.tail_until > now:
+                delay = min(delay, self.tail_until - now)
+        at = now + delay
+        if at >= self._check_at:
+            return  # the pending check comes first and will reschedule
+        self._gen += 1
+        self._check_at = at
         gen = self._gen
         ev = self.env.timeout(delay)
         ev.callbacks.append(lambda _ev, gen=gen: self._check_empty(gen))
@@ -181,6 +197,7 @@ class EnergyMeter:
     def _check_empty(self, gen: int) -> None:
         if gen != self._gen or not self.on:
             return
+        self._check_at = math.inf
         self._settle()
         if sum(self.joules.values()) >= self.battery_j * (1 - 1e-12):
             self._gen += 1
