@@ -21,7 +21,7 @@ from simkit.study import Study, load_results
 
 DATA = Path(__file__).parent / "data"
 BASE = yaml.safe_load((DATA / "good" / "tiny.yaml").read_text())
-GRID = {"algorithm.lr": [0.01, 0.05, 0.1], "algorithm.rounds": [1, 2]}
+GRID = {"algorithm.lr": [0.01, 0.02, 0.05, 0.1], "algorithm.rounds": [1, 2, 3]}
 
 
 def check_folder_is_consistent(out: Path) -> int:
@@ -51,9 +51,19 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_tables(tmp
            "--quiet"]
     rng = np.random.default_rng(1234)
     kills = 0
-    for attempt in range(3):  # a bounded number of kills
+    for attempt in range(3):  # a bounded number of kills, each at a random point of the study
+        before = check_folder_is_consistent(out)
+        target = before + int(rng.integers(1, 4))  # after 1-3 more finished runs ...
+        extra = float(rng.uniform(0.0, 0.4))       # ... plus a random fraction of the next run
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(2.5, 6.0)))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = sum(1 for d in (out / "runs").glob("*") if not d.name.startswith(".") and (d / "DONE").exists()) \
+                if (out / "runs").exists() else 0
+            if done >= target:
+                time.sleep(extra)
+                break
+            time.sleep(0.02)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -61,7 +71,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_tables(tmp
         check_folder_is_consistent(out)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert check_folder_is_consistent(out) == 6
+    assert check_folder_is_consistent(out) == 12
     ref = Study("kill", BASE, grid=GRID, out=tmp_path / "ref").run("serial", progress=False)
     got = load_results(out)
     assert kills >= 1
