@@ -6,8 +6,9 @@ Run:  python -m benchmarks.calibration [--quick] [--json FILE]
 
 from __future__ import annotations
 
+from benchmarks import write_json
+
 import argparse
-import json
 import statistics
 
 
@@ -33,10 +34,7 @@ def main(argv=None) -> dict:
               f"simulated/measured: {ratios}; error max {cal.error_max:.3f}")
     out = {"calibration_error_max": statistics.median(errors)}
     print(f"calibration_error_max (median over reps): {out['calibration_error_max']:.3f}  (target <= 1.25)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Run:  python -m benchmarks.memory [--quick] [--runs 1000] [--json FILE]
 
 from __future__ import annotations
 
+from benchmarks import write_json
+
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -78,10 +79,7 @@ def main(argv=None) -> dict:
               if len(samples) > 1 else float("nan"))
     print(f"  growth per 100 runs between run {samples[0][0]} and run {samples[-1][0]}: {growth:.2f} MiB")
     out = {"study_runs": n, "study_rss_growth_mib_per_100_runs": growth, "study_rss_final_mib": final}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return write_json(args.json, out)
 
 
 if __name__ == "__main__":

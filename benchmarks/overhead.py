@@ -20,6 +20,8 @@ Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3] [--j
 
 from __future__ import annotations
 
+from benchmarks import write_json
+
 import argparse
 import copy
 import gc
@@ -195,12 +197,7 @@ def main(argv=None) -> dict:
         out[f"overhead_ratio_n{n}"] = out[f"sl_ratio_n{n}"]
     if f"sl_predicted_n{clients[-1]}" in out:
         out[f"overhead_predicted_n{clients[-1]}"] = out[f"sl_predicted_n{clients[-1]}"]
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Run:  python -m benchmarks.pool [--quick] [--reps 3] [--json FILE]
 
 from __future__ import annotations
 
+from benchmarks import write_json
+
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -51,10 +52,7 @@ def main(argv=None) -> dict:
     print(f"  speed-up 2 vs 1 workers: {min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}")
     out = {"pool_runs_per_min_1": statistics.median(one), "pool_runs_per_min_2": statistics.median(two),
            "pool_speedup_2_vs_1": statistics.median(ratios)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    return write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Run:  python -m benchmarks.whatif [--quick] [--devices 10000] [--rounds 100] [--
 
 from __future__ import annotations
 
+from benchmarks import write_json
+
 import argparse
 import json
 import resource
@@ -91,10 +93,7 @@ def main(argv=None) -> dict:
         print(f"  {label:24} {fmt.format(med):>12}   (min {fmt.format(lo)}, max {fmt.format(hi)})")
     result = {"whatif_peak_mem_gib": mmm("maxrss_mib")[1] / 1024, "whatif_time_ratio": mmm("ratio")[1],
               "whatif_host_s": mmm("run_s")[1] + mmm("setup_s")[1], "whatif_devices": devices, "whatif_rounds": rounds}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":
