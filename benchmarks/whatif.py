@@ -24,23 +24,9 @@ import sys
 import time
 
 
-def raw_simpy_rate(n: int = 1_000_000) -> float:
-    import simpy
-
-    env = simpy.Environment()
-
-    def loop():
-        for _ in range(n):
-            yield env.timeout(1)
-
-    env.process(loop())
-    t = time.perf_counter()
-    env.run()
-    return n / (time.perf_counter() - t)
-
-
 def one_run(devices: int, rounds: int) -> dict:
     """Run in this process (called in a fresh child): host seconds, events, peak RSS."""
+    from benchmarks.network import raw_timeouts
     from simkit.run import prepare, simulate
 
     p = prepare({
@@ -53,7 +39,7 @@ def one_run(devices: int, rounds: int) -> dict:
     run_s = simulate(p)
     events = next(p.env._eid)
     return {"setup_s": p.setup_s, "run_s": run_s, "events": events, "sim_time_s": p.env.now,
-            "raw_rate": raw_simpy_rate(), "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "raw_rate": raw_timeouts(clock=time.perf_counter), "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv=None) -> dict:

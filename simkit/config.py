@@ -602,6 +602,15 @@ def _resolve_relative(data: dict, base: Path) -> dict:
     return data
 
 
+def as_scenario(scenario: "Scenario | Mapping[str, Any] | str | os.PathLike") -> Scenario:
+    """A Scenario from a Scenario, a mapping, or a path to a scenario YAML."""
+    if isinstance(scenario, Scenario):
+        return scenario
+    if isinstance(scenario, Mapping):
+        return scenario_from_dict(scenario)
+    return load_scenario(scenario)
+
+
 def with_changes(scenario: Scenario, changes: Mapping[str, Any]) -> Scenario:
     """A new, validated scenario with dotted-path ``changes`` applied (``"algorithm.kappa": 0.5``)."""
     import copy

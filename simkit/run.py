@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import simpy
 
-from simkit.config import Scenario, load_scenario, scenario_from_dict
+from simkit.config import Scenario, as_scenario
 from simkit.errors import SimkitError, naming_file
 from simkit.metrics import score_row, time_to_target
 from simkit.records import Recorder
@@ -98,14 +98,6 @@ class RunResult:
         return out
 
 
-def _as_scenario(scenario: Scenario | Mapping | str | os.PathLike) -> Scenario:
-    if isinstance(scenario, Scenario):
-        return scenario
-    if isinstance(scenario, Mapping):
-        return scenario_from_dict(scenario)
-    return load_scenario(scenario)
-
-
 @dataclass
 class Prepared:
     """A run built and ready to simulate (see :func:`prepare`)."""
@@ -128,7 +120,7 @@ def prepare(scenario: Scenario | Mapping | str | os.PathLike) -> Prepared:
     from simkit.world.fleet import build_world
 
     t = time.perf_counter()
-    sc = _as_scenario(scenario)
+    sc = as_scenario(scenario)
     if sc.torch_threads:
         torch.set_num_threads(sc.torch_threads)
     if sc.workload.torch_device.startswith("cuda") and not torch.cuda.is_available():

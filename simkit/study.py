@@ -57,7 +57,7 @@ from typing import Any
 
 import pandas as pd
 
-from simkit.config import BudgetSpec, Scenario, load_scenario, scenario_from_dict, with_changes
+from simkit.config import BudgetSpec, Scenario, as_scenario, load_scenario, scenario_from_dict, with_changes
 from simkit.errors import ConfigError, SimkitError, StudyError
 
 __all__ = ["Study", "StudyResult", "load_results", "load_study", "run_key", "execute_task", "write_run_folder",
@@ -585,14 +585,6 @@ class _Progress:
 
 
 # =============================================================================== the study
-def _as_base(base: Scenario | Mapping | str | os.PathLike) -> Scenario:
-    if isinstance(base, Scenario):
-        return base
-    if isinstance(base, Mapping):
-        return scenario_from_dict(base)
-    return load_scenario(base)
-
-
 class Study:
     """A base scenario, the changes to try, seeds and budgets; runs into ``out``.
 
@@ -623,7 +615,7 @@ class Study:
         if not isinstance(name, str) or not name.strip():
             raise StudyError("the study needs a non-empty name", file=self.source, field="name")
         self.name = name
-        self.base = _as_base(base)
+        self.base = as_scenario(base)
         self.grid = {str(k): list(v) for k, v in (grid or {}).items()}
         for k, v in self.grid.items():
             if not v:
