@@ -38,6 +38,7 @@ from simkit.algorithms import REGISTRY
 from simkit.algorithms.base import Context, average_states
 from simkit.records import Recorder
 from simkit.rng import SeedTree
+from simkit.run import simulation_gc
 from simkit.world.fleet import build_world
 
 
@@ -127,12 +128,10 @@ def time_noop(algo, n, rounds) -> float:
     """Host seconds per client step of simkit alone (fast mode: no torch work)."""
     sc, env, ctx = build(scenario(algo, n, rounds), train=False)
     alg = REGISTRY[algo](ctx)
-    gc.collect()
-    gc.freeze()
-    t = time.perf_counter()
-    env.run(until=env.process(alg.run()))
-    dt = time.perf_counter() - t
-    gc.unfreeze()
+    with simulation_gc():   # as simkit.run.simulate does
+        t = time.perf_counter()
+        env.run(until=env.process(alg.run()))
+        dt = time.perf_counter() - t
     steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
     return dt / steps
 
@@ -140,12 +139,10 @@ def time_noop(algo, n, rounds) -> float:
 def time_simkit(algo, n, rounds) -> tuple[float, int]:
     sc, env, ctx = build(scenario(algo, n, rounds))
     alg = REGISTRY[algo](ctx)
-    gc.collect()
-    gc.freeze()  # as simkit.run.simulate does
-    t = time.perf_counter()
-    env.run(until=env.process(alg.run()))
-    dt = time.perf_counter() - t
-    gc.unfreeze()
+    with simulation_gc():   # as simkit.run.simulate does
+        t = time.perf_counter()
+        env.run(until=env.process(alg.run()))
+        dt = time.perf_counter() - t
     steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
     return dt, steps
 

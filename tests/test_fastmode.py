@@ -84,3 +84,36 @@ def test_samples_per_client_plans_a_fleet_larger_than_the_dataset():
     assert res.summary["bytes_up"] == res.summary["bytes_down"] > 0
     with pytest.raises(SimkitError, match="fast what-if mode"):
         run({**sc, "train": True})
+
+
+def test_simulation_gc_settings_hold_during_the_run_and_are_restored_after():
+    import gc
+    import importlib
+
+    runmod = importlib.import_module("simkit.run")   # (``simkit.run`` the attribute is the function)
+    seen = []
+    before = gc.get_threshold()
+    p = runmod.prepare({**base({"name": "fedavg"}), "train": False})
+    p.env.process(iter_probe(p.env, seen))
+    runmod.simulate(p)
+    assert seen == [(runmod.SIMULATION_GC_THRESHOLD, *before[1:])]
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    # and a failing run restores them too
+    p = runmod.prepare({**base({"name": "fedavg"}), "train": False})
+
+    def boom():
+        yield p.env.timeout(0.0)
+        raise RuntimeError("boom")
+
+    p.env.process(boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        runmod.simulate(p)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def iter_probe(env, seen):
+    import gc
+
+    yield env.timeout(0.0)
+    seen.append(gc.get_threshold())
+    assert gc.get_freeze_count() > 0
