@@ -441,6 +441,47 @@ def test_flop_cache_returns_same_object():
     assert count_flops(lin, (4, 8)) is not a and count_flops(lin, (4, 8)) == a
 
 
+def test_architecture_key_tells_apart_what_changes_the_count_and_nothing_else():
+    from simkit.learning.flops import architecture_key
+
+    def cnn(stride=1, width=8):
+        return nn.Sequential(nn.Conv2d(1, width, 3, stride=stride), nn.ReLU(), nn.Flatten())
+
+    a, b = cnn(), cnn()
+    with torch.no_grad():
+        b[0].weight.mul_(3.0)   # other values: same ops
+    assert architecture_key(a) == architecture_key(b)
+    assert architecture_key(cnn(stride=2)) != architecture_key(a)   # no parameter shows the stride
+    assert architecture_key(cnn(width=4)) != architecture_key(a)
+    assert architecture_key(a.double()) != architecture_key(cnn())
+    counts = {architecture_key(m): count_flops(m, (2, 1, 8, 8)) for m in (cnn(), cnn(stride=2), cnn(width=4))}
+    assert len(set(counts.values())) == 3   # the three differ in FLOPs too
+
+
+def test_runs_in_one_process_share_flop_counts():
+    from simkit.algorithms.base import Context
+    from simkit.config import scenario_from_dict
+    from simkit.records import Recorder
+    from simkit.rng import SeedTree
+    from simkit.world.fleet import build_world
+    import simpy
+
+    def context(width):
+        sc = scenario_from_dict({"fleet": {"counts": {"rpi4": 2}}, "train": False,
+                                 "workload": {"max_samples": 40, "model": {"width": width}},
+                                 "algorithm": {"name": "sl", "rounds": 1}})
+        env = simpy.Environment()
+        rec = Recorder()
+        return Context(sc, build_world(sc, env=env, recorder=rec, seeds=SeedTree(sc.seed)), rec, SeedTree(sc.seed))
+
+    one, two, wide = context(8), context(8), context(16)
+    key = one.clients[0].key
+    f1 = one.flops(one.client_templates[key], "client", key, 16, input_grad=False)
+    assert two.flops(two.client_templates[key], "client", key, 16, input_grad=False) is f1   # counted once
+    fw = wide.flops(wide.client_templates[key], "client", key, 16, input_grad=False)
+    assert fw is not f1 and fw.fwd > f1.fwd
+
+
 # =========================================================================== losses
 def test_supcon_lower_for_clustered_embeddings_and_gradient_finite():
     g = gen(0)

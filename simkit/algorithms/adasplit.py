@@ -142,7 +142,7 @@ from torch import nn
 
 from simkit.algorithms.bandits import DiscountedUCB, RandomSelection
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
-from simkit.learning.flops import FlopCount, count_flops
+from simkit.learning.flops import FlopCount, architecture_key, count_flops
 from simkit.learning.losses import supcon_loss
 from simkit.learning.masks import MaskedServer, maskable_weights
 from simkit.learning.models import init_parameters
@@ -285,7 +285,9 @@ class AdaSplit(Algorithm):
         fc = self._head_flops.get(ck)
         if fc is None:
             probe = nn.Sequential(self._head_template, _Similarity())
-            fc = count_flops(probe, (batch, *self.ctx.cut_shape), backward=True, input_requires_grad=True)
+            shape = (batch, *self.ctx.cut_shape)
+            fc = count_flops(probe, shape, backward=True, input_requires_grad=True,
+                             key=("adasplit-head", architecture_key(probe), shape))
             self._head_flops[ck] = fc
         return fc
 

@@ -28,7 +28,7 @@ from torch import nn
 from simkit.config import Scenario
 from simkit.errors import WorkloadError
 from simkit.learning.data import load_dataset
-from simkit.learning.flops import count_flops
+from simkit.learning.flops import architecture_key, count_flops
 from simkit.learning.models import build_mixed_models, build_split_model, model_bytes
 from simkit.learning.partition import ClientData, partition
 from simkit.records import Recorder
@@ -207,7 +207,9 @@ class Context:
         ck = (part, key, shape, input_grad)
         fc = self._flop_cache.get(ck)
         if fc is None:
-            fc = count_flops(module, shape, backward=True, input_requires_grad=input_grad)
+            # per run by (part, key, shape); across runs of this process by architecture
+            fc = count_flops(module, shape, backward=True, input_requires_grad=input_grad,
+                             key=("context", architecture_key(module), shape, input_grad))
             self._flop_cache[ck] = fc
         return fc
 

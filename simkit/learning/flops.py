@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["FlopCount", "count_flops", "clear_flop_cache"]
+__all__ = ["FlopCount", "architecture_key", "count_flops", "clear_flop_cache"]
 
 _CACHE: dict[Hashable, "FlopCount"] = {}
 
@@ -108,6 +108,19 @@ def _count(module: nn.Module, shape: tuple[int, ...], backward: bool, input_grad
                 out.sum().backward()
             bwd = int(bwd_counter.get_total_flops())
     return FlopCount(fwd=int(fwd_counter.get_total_flops()), bwd=bwd)
+
+
+def architecture_key(module: nn.Module) -> tuple:
+    """A hashable that is equal for modules that compute the same ops on the same input shape.
+
+    The class (module and qualified name), ``repr`` (every child's class and configuration:
+    channels, kernel, stride, ...), and each parameter's and buffer's name, shape and dtype; not
+    the values, which do not change the count. Use it in a :func:`count_flops` ``key`` so runs in
+    one process share counts (a count takes milliseconds; a training step of a small model less)."""
+    t = type(module)
+    return (t.__module__, t.__qualname__, repr(module),
+            tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()),
+            tuple((n, tuple(b.shape), str(b.dtype)) for n, b in module.named_buffers()))
 
 
 def clear_flop_cache() -> None:

@@ -72,7 +72,7 @@ class EnergyMeter:
 
     # -- integration -------------------------------------------------------------------------
     def _settle(self) -> None:
-        now = self.env.now
+        now = self.env._now
         dt = now - self.last
         if dt > 0 and self.on:
             j = self.joules
@@ -140,7 +140,11 @@ class EnergyMeter:
             raise ValueError(f"unknown energy state {state!r}")
         if state != "compute" and not self.tx and not self.rx and self.tail_s > 0:
             self.tail_until = self.env.now + self.tail_s
-        self._changed()
+            # the radio drops into its tail: power rises if the tail draws more than the state left
+            if self.tail_w > (self.tx_w if state == "tx" else self.rx_w):
+                self._changed()
+        # otherwise power fell: the charge runs out later than before, so the pending battery check
+        # (at or before the old empty instant) fires first and reschedules (see _schedule_empty)
 
     def power_off(self) -> None:
         """The device is off from now on (no power is drawn, the tail is cut)."""
