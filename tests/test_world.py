@@ -166,6 +166,46 @@ def test_energy_never_negative_and_at_least_idle_times_duration(intervals, idle,
     assert m.total_j <= (idle + 2.0 * 12 + 1.5 + 0.5 + tail_w) * end + 1e-9
 
 
+def _union_length(spans):
+    total, cur_s, cur_e = 0.0, None, None
+    for a, b in sorted(spans):
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["compute", "tx", "rx"]), st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 5),
+                          st.sampled_from([0.0, 1.0, 2.5]) | st.floats(0, 5)), min_size=1, max_size=12))
+def test_radio_energy_is_power_times_the_union_of_overlapping_transfers(intervals):
+    # the radio draws tx_w while *any* flow sends, however many overlap; compute scales with busy slots
+    import simpy
+
+    env = simpy.Environment()
+    m = EnergyMeter(env, idle_w=0.25, compute_w=2.0, tx_w=1.5, rx_w=0.5, slots=2)
+
+    def span(state, start, dur):
+        yield env.timeout(start)
+        m.begin(state)
+        yield env.timeout(dur)
+        m.end(state)
+
+    for state, start, dur in intervals:
+        env.process(span(state, start, dur))
+    env.run()
+    j = m.snapshot()
+    spans = {k: [(a, a + d) for s_, a, d in intervals if s_ == k] for k in ("compute", "tx", "rx")}
+    assert j["tx"] == pytest.approx(1.5 * _union_length(spans["tx"]), rel=1e-9, abs=1e-12)
+    assert j["rx"] == pytest.approx(0.5 * _union_length(spans["rx"]), rel=1e-9, abs=1e-12)
+    assert j["compute"] == pytest.approx(2.0 / 2 * sum(b - a for a, b in spans["compute"]), rel=1e-9, abs=1e-12)
+    assert j["idle"] == pytest.approx(0.25 * env.now, rel=1e-9, abs=1e-12)
+    assert j["tail"] == 0.0
+
+
 def write(tmp_path, text, name="trace.csv"):
     p = tmp_path / name
     p.write_text(text)

@@ -116,6 +116,16 @@ class EnergyMeter:
     # -- state changes (called by devices and the network) -----------------------------------
     def begin(self, state: str) -> None:
         """Enter ``state`` ('compute', 'tx' or 'rx'); nested entries are counted."""
+        # a second flow on a radio already sending (receiving) leaves the power as it is: nothing
+        # to settle (the integral over the whole constant stretch is taken at the next change)
+        if state == "tx":
+            if self.tx:
+                self.tx += 1
+                return
+        elif state == "rx":
+            if self.rx:
+                self.rx += 1
+                return
         self._settle()
         if state == "compute":
             self.busy += 1
@@ -129,6 +139,14 @@ class EnergyMeter:
 
     def end(self, state: str) -> None:
         """Leave ``state``; when the radio goes quiet its tail starts."""
+        if state == "tx":
+            if self.tx > 1:   # still sending: same power
+                self.tx -= 1
+                return
+        elif state == "rx":
+            if self.rx > 1:
+                self.rx -= 1
+                return
         self._settle()
         if state == "compute":
             self.busy -= 1
