@@ -764,6 +764,12 @@ class ProbedNetwork(Network):
         flows = [f for f in self._open.values() if f.status == "active"]
         ref = maxmin_reference([f._li for f in flows], self._cap)
         assert [f.rate for f in flows] == pytest.approx(ref, rel=1e-9)
+        load = [0.0] * len(self._cap)   # and the running loads are the sums of the rates
+        for f in flows:
+            for li in f._li:
+                load[li] += f.rate
+        for li, (mine, exact) in enumerate(zip(self._lload, load)):
+            assert mine == pytest.approx(exact, rel=1e-9, abs=1e-9 * self._cap[li])
         type(self).local_updates += 1
 
     def _join_local(self, f):

@@ -484,7 +484,8 @@ class Network:
     #: a flow that joins or ends may skip the recomputation (:meth:`_join_local`, :meth:`_leave_local`);
     #: False: every change recomputes its component (the plain statement)
     incremental = True
-    #: the local update is tried only when no shared edge of the flow carries more flows than this
+    #: the local update gives up when it would have to scan an edge with more flows than this (only
+    #: a full edge, or the joining flow's shared bottleneck, is scanned; the loads are kept running)
     _LOCAL_MAX = 64
 
     def __init__(self, env: simpy.Environment, graph: nx.DiGraph, *, recorder: Any = None,
@@ -578,6 +579,7 @@ class Network:
         self._users = [0] * n_edges
         self._left = [0.0] * n_edges
         self._load = [0.0] * n_edges
+        self._lload = [0.0] * n_edges   # running sum of the active flows' rates per edge (local updates)
 
         # counters
         self._link_bytes: list[float] = [0.0] * n_edges
@@ -1040,15 +1042,18 @@ class Network:
         with every other rate unchanged is max-min fair: each flow still has a bottleneck (a full
         edge on which no flow is faster), and the max-min allocation is unique. So it is *the*
         allocation, up to rounding: ``b`` is ``capacity - load`` here, where progressive filling
-        would sum its levels (an edge of its own gives exactly its capacity either way). Otherwise
-        (a shared edge is full, or more than ``_LOCAL_MAX`` flows share one) returns False and the
-        caller queues the full recomputation. O(flows on f's shared edges).
+        would sum its levels (an edge of its own gives exactly its capacity either way), and the
+        load is the edge's running sum of rates (reset to exactly 0 when the edge empties, summed
+        afresh by every recomputation of its component), not a fresh sum. Otherwise (a shared edge
+        is full, or the bottleneck to scan has more than ``_LOCAL_MAX`` flows) returns False and the
+        caller queues the full recomputation. O(edges of f), plus a scan of its bottleneck edge
+        when that is a shared one.
         """
-        lf, cap = self._link_flows, self._cap
+        lf, cap, lload = self._link_flows, self._cap, self._lload
         own = _INF
         low = _INF
-        low_on = None
-        loads = None
+        low_li = -1
+        shared = None
         for li in f._li:
             on = lf[li]
             c = cap[li]
@@ -1056,32 +1061,30 @@ class Network:
                 if c < own:
                     own = c
                 continue
-            if len(on) > self._LOCAL_MAX:
-                return False
-            load = 0.0
-            for g in on:
-                if g is not f:
-                    load += g.rate
-            left = c - load
+            left = c - lload[li]   # f's rate is still 0: the others' load
             if left <= _LOCAL_EPS * c:   # full: it may be another flow's bottleneck
                 return False
             if left < low:
-                low, low_on = left, on
-            if loads is None:
-                loads = [(li, load)]
+                low, low_li = left, li
+            if shared is None:
+                shared = [li]
             else:
-                loads.append((li, load))
+                shared.append(li)
         if own <= low:
             b = own
+            util = 1.0
         else:
             b = low
-            for g in low_on:
+            on = lf[low_li]
+            if len(on) > self._LOCAL_MAX:
+                return False
+            for g in on:
                 if g is not f and g.rate > b:
                     return False
-        util = 1.0 if own <= low else 0.0
-        if loads is not None:
-            for li, load in loads:
-                x = (load + b) / cap[li]
+            util = 0.0
+        if shared is not None:
+            for li in shared:
+                x = (lload[li] + b) / cap[li]
                 if x > util:
                     util = x
         if util > self._max_util:
@@ -1095,26 +1098,23 @@ class Network:
         True when every shared edge of ``f`` is either not full, or full with every other flow on
         it slower than ``f``: then that edge is nobody else's bottleneck (a bottleneck is a full
         edge on which the flow is among the fastest), so every other flow keeps its bottleneck and
-        its rate. Called only while the rates are max-min. O(flows on f's shared edges).
+        its rate. Called only while the rates are max-min. O(edges of f), plus a scan of each full
+        shared edge.
         """
-        lf, cap = self._link_flows, self._cap
+        lf, cap, lload = self._link_flows, self._cap, self._lload
         r = f.rate
         for li in f._li:
             on = lf[li]
             if on is f:
                 continue
-            if len(on) > self._LOCAL_MAX:
-                return False
-            load = 0.0
-            top = 0.0
-            for g in on:
-                x = g.rate
-                load += x
-                if g is not f and x > top:
-                    top = x
             c = cap[li]
-            if c - load <= _LOCAL_EPS * c and top >= r * (1.0 - _LOCAL_EPS):
-                return False
+            if c - lload[li] <= _LOCAL_EPS * c:   # full (f included): is anyone else as fast?
+                if len(on) > self._LOCAL_MAX:
+                    return False
+                rr = r * (1.0 - _LOCAL_EPS)
+                for g in on:
+                    if g is not f and g.rate >= rr:
+                        return False
         return True
 
     def _leave_links(self, f: Flow) -> None:
@@ -1127,15 +1127,20 @@ class Network:
         self._heap_changed = True
 
     def _off_links(self, f: Flow) -> None:
-        lf, dirty = self._link_flows, self._dirty
+        lf, dirty, lload = self._link_flows, self._dirty, self._lload
+        r = f.rate
         for li in f._li:
             on = lf[li]
             if on is f:
                 lf[li] = None
+                lload[li] = 0.0   # empty: exactly nothing (no rounding carried over)
             else:
                 del on[f]
-                if not on:
+                if on:
+                    lload[li] -= r
+                else:
                     lf[li] = None
+                    lload[li] = 0.0
             dirty[li] = None
 
     def _stall(self, f: Flow) -> None:
@@ -1315,6 +1320,15 @@ class Network:
                 self._assign(keep, self._rates(keep), now)
         elif keep:
             self._share_small(keep, links, inc, now)
+        if keep:   # the component is closed: its edges' running loads, summed afresh
+            lload = self._lload
+            for f in keep:
+                for li in f._li:
+                    lload[li] = 0.0
+            for f in keep:
+                r = f.rate
+                for li in f._li:
+                    lload[li] += r
         if self._heap_changed:   # else _arm_timer has nothing to do
             self._arm_timer()
 
@@ -1390,7 +1404,7 @@ class Network:
     def _assign(self, keep: list[Flow], rates: list[float], now: float) -> None:
         """Give the flows their new rates: settle those whose rate changes, new finish times."""
         heap, seq = self._heap, self._seq
-        lb = self._link_bytes
+        lb, lload = self._link_bytes, self._lload
         heappush = heapq.heappush
         for f, r in zip(keep, rates):
             old = f.rate
@@ -1405,6 +1419,9 @@ class Network:
                         lb[li] += sent
                 f._t = now
                 f.rate = r
+                d = r - old
+                for li in f._li:
+                    lload[li] += d
                 f._fin = fin = now + f.remaining * 8.0 / r
                 # Before _due the flow cannot pass the done test of _recompute: that needs
                 # now >= fin - 1e-9 * nbytes * 8 / r (up to rounding errors of a few ulps of the
