@@ -624,9 +624,10 @@ class Network:
             self._record(f)
             ev.succeed(f)
             return ev
-        route = self._pairs.get(si * len(self._nodes) + di, _MISS)
-        if route is _MISS:
-            route = self._route_idx(si, di)
+        key = si * len(self._nodes) + di
+        route = self._pairs.get(key, _MISS)
+        if route is _MISS:   # (_route_idx, inlined)
+            route = self._pairs[key] = self._compute_route(si, di)
         if route is None and not self._reachable(src, dst):
             raise TopologyError(f"no path from {src!r} to {dst!r} in the topology")
         meters = self.meters
