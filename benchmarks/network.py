@@ -25,8 +25,9 @@ Reported per case, min/median/max over the repetitions:
     events/s    simulated events (everything SimPy scheduled) per host second
     us/flow     host microseconds per simulated flow
     ratio       (flows per host second) / (bare SimPy timeouts per host second), the latter
-                measured in the same run by a loop of 1e6 ``yield env.timeout(1)``: how many
-                bare timeouts one simulated flow costs, inverted
+                measured right before each repetition by a loop of 3e5 ``yield env.timeout(1)``
+                (paired: the VM's speed drifts by 10-20 % over minutes): how many bare timeouts
+                one simulated flow costs, inverted; min/median/max over the repetitions
     floor       the same ratio with the network replaced by a stub that answers each transfer
                 with one timeout of the flow's duration (same harness, events per transfer and
                 garbage): what SimPy and the harness cost, an upper bound no network can reach
@@ -62,6 +63,7 @@ BACKHAUL_BPS, BACKHAUL_LAT = 1e9, 0.005
 FLOW_BYTES = 1e6
 PER_GATEWAY = 100
 ISO_TRANSFERS, ISO_BYTES = 20_000, 32 * 1024
+PAIRED_TIMEOUTS = 300_000   # bare timeouts measured right before each repetition of a case
 
 clock = time.process_time
 
@@ -215,7 +217,6 @@ def main(argv: list[str] | None = None) -> dict:
     run_case(100, True)
     isolated_transfers(1000)
     raw = [raw_timeouts() for _ in range(args.reps)]
-    raw_med = statistics.median(raw)
     iso = [isolated_transfers() for _ in range(args.reps)]
     raw_us = [1e6 / r for r in raw]
     print(f"raw SimPy: {fmt3(raw, ',.0f')} timeouts/s (min/median/max of {args.reps}, 1e6 bare timeouts each)")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(= {statistics.median(iso) / statistics.median(raw_us):.1f} bare timeouts per transfer)")
     print()
     head = (f"{'harness':<12} {'case':<10} {'N':>6} {'events':>7} {'makespan s':>10} {'events/s (min/med/max)':>26} "
-            f"{'us/flow (min/med/max)':>24} {'flows/s / raw':>14} {'floor':>7}")
+            f"{'us/flow (min/med/max)':>24} {'flows/s / raw (min/med/max)':>22} {'floor':>7}")
     print(head)
     print("-" * len(head))
     ratios: dict[tuple[str, bool, int], float] = {}
@@ -233,20 +234,25 @@ def main(argv: list[str] | None = None) -> dict:
         label = f"{harness}{'/warm' if warm else ''}"
         for staggered in (False, True):
             for n in sizes:
-                hosts, stub_hosts, events, makespan = [], [], None, None
+                hosts, reps_ratio, reps_floor, events, makespan = [], [], [], None, None
                 for rep in range(args.reps):
+                    # each repetition pairs its own bare-SimPy rate with the case (the VM's speed drifts
+                    # by 10-20 % over minutes; a rate measured once at the start would not match)
+                    raw_now = raw_timeouts(PAIRED_TIMEOUTS)
                     h, ev, ms = run_case(n, staggered, harness=harness, warm=warm)
+                    stub_h = run_case(n, staggered, network=StubNetwork, harness=harness, warm=warm)[0]
                     hosts.append(h)
+                    reps_ratio.append(n / h / raw_now)
+                    reps_floor.append(n / stub_h / raw_now)
                     events, makespan = ev, ms
-                    stub_hosts.append(run_case(n, staggered, network=StubNetwork, harness=harness, warm=warm)[0])
                 eps = [events / h for h in hosts]
                 us = [h / n * 1e6 for h in hosts]
-                ratio = (n / statistics.median(hosts)) / raw_med
-                floor = (n / statistics.median(stub_hosts)) / raw_med
+                ratio = statistics.median(reps_ratio)
+                floor = statistics.median(reps_floor)
                 ratios[(label, staggered, n)] = ratio
                 print(f"{label:<12} {'staggered' if staggered else 'burst':<10} {n:>6,} {events:>7,} "
-                      f"{makespan:>10.4f} {fmt3(eps, ',.0f'):>26} {fmt3(us, ',.1f'):>24} {ratio:>14.4f} "
-                      f"{floor:>7.4f}")
+                      f"{makespan:>10.4f} {fmt3(eps, ',.0f'):>26} {fmt3(us, ',.1f'):>24} "
+                      f"{fmt3(reps_ratio, '.4f'):>22} {floor:>7.4f}")
     big = sizes[-1]
     return write_json(args.json, {
         # the target: both cases must reach it, so the worse of the two; a round of uploads with the
