@@ -70,11 +70,13 @@ Sharing (processor sharing per link, STYLE.md #14)
     it meets on its bottleneck; an ending flow none of whose shared edges is anybody else's
     bottleneck just leaves. Both leave every other rate unchanged, which is the max-min allocation
     (it is unique), so only the joining flow's rate can differ from progressive filling, by
-    rounding (``capacity - load`` instead of a sum of levels). The cost is O(flows on the flow's
-    shared edges) instead of O(component); the typical case is a device's upload bottlenecked by
-    its own access link through an aggregation link that is not full. With ``incremental = False``
-    every change recomputes; tests check both agree within 1e-9 on random runs and that the rates
-    after every local update are the reference's.
+    rounding (``capacity - load`` instead of a sum of levels; loads are running sums per edge,
+    reset to exactly 0 when an edge empties and summed afresh by every recomputation). The cost is
+    O(edges of the flow) instead of O(component); the typical case is a device's upload
+    bottlenecked by its own access link through an aggregation link that is not full. With
+    ``incremental = False`` (class or instance attribute) every change recomputes; tests check both
+    agree within 1e-9 on random runs and that, after every local update, the rates are the
+    reference's and the running loads the sums of the rates.
 
 Link failure policy
     * ``link_down(u, v)``: each *active* flow through ``u<->v`` is rerouted at once over the best
