@@ -10,7 +10,6 @@ Speed is never asserted: CI runs ``--quick`` only to check that the benchmarks r
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess

@@ -27,8 +27,6 @@ CUDA device present, N=100 is also measured there (reported, never required).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import statistics
@@ -39,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import parser, write_json
 from simkit.learning.batched import (
     ClientJob,
     compile_program,
@@ -224,13 +223,10 @@ def auto_check(args, reps: int, min_s: float) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="N = 10, 50; 3 repetitions; shorter runs")
-    ap.add_argument("--reps", type=int, default=None)
+    ap = parser(__doc__, quick="N = 10, 50; 3 repetitions; shorter runs")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as the tests)")
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--max-foreign", type=float, default=0.5, help="re-run a repetition above this foreign load")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
@@ -277,9 +273,7 @@ def main(argv=None) -> dict:
         out["cuda_n100"] = statistics.median(speed["batched"])
     compile_program(model, shape)  # the model is supported (raises otherwise)
     result = {"batched_speedup_n50": out["n50"]["batched"]} if "n50" in out else {}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f)
+    write_json(args.json, result)
     print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return out
 

@@ -6,17 +6,13 @@ Run:  python -m benchmarks.calibration [--quick] [--json FILE]
 
 from __future__ import annotations
 
-from benchmarks import write_json
-
-import argparse
 import statistics
+
+from benchmarks import parser, write_json
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--json", default=None)
+    ap = parser(__doc__)
     args = ap.parse_args(argv)
     import torch
 

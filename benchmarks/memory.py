@@ -13,12 +13,12 @@ Run:  python -m benchmarks.memory [--quick] [--runs 1000] [--json FILE]
 
 from __future__ import annotations
 
-from benchmarks import write_json
-
 import argparse
 import os
 import tempfile
 import time
+
+from benchmarks import write_json
 
 
 def rss_mib() -> float:

@@ -44,7 +44,6 @@ transfer>}`` (plus the context figures).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import random
@@ -54,7 +53,7 @@ import time
 import networkx as nx
 import simpy
 
-from benchmarks import write_json
+from benchmarks import parser, write_json
 from simkit.run import simulation_gc
 from simkit.world.network import Network
 
@@ -206,10 +205,7 @@ def fmt3(values: list[float], spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="N = 100 and 1,000 only (well under a minute)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", metavar="FILE", help="write the headline figures to FILE")
+    ap = parser(__doc__, reps=3, quick="N = 100 and 1,000 only (well under a minute)")
     args = ap.parse_args(argv)
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
 

@@ -24,9 +24,6 @@ Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3] [--j
 
 from __future__ import annotations
 
-from benchmarks import write_json
-
-import argparse
 import copy
 import gc
 import statistics
@@ -37,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import parser, write_json
 from simkit import scenario_from_dict
 from simkit.algorithms import REGISTRY
 from simkit.algorithms.base import Context, average_states
@@ -131,20 +129,10 @@ def time_bare(algo, n, rounds) -> float:
     return time.perf_counter() - t
 
 
-def time_noop(algo, n, rounds) -> float:
-    """Host seconds per client step of simkit alone (fast mode: no torch work)."""
-    sc, env, ctx = build(scenario(algo, n, rounds), train=False)
-    alg = REGISTRY[algo](ctx)
-    with simulation_gc():   # as simkit.run.simulate does
-        t = time.perf_counter()
-        env.run(until=env.process(alg.run()))
-        dt = time.perf_counter() - t
-    steps = sum(1 for r in ctx.recorder.lists["compute"] if r.tag in ("train", "client_fwd"))
-    return dt / steps
-
-
-def time_simkit(algo, n, rounds) -> tuple[float, int]:
-    sc, env, ctx = build(scenario(algo, n, rounds))
+def run_simkit(algo, n, rounds, *, train: bool) -> tuple[float, int]:
+    """Host seconds of ``env.run()`` of the algorithm (under the GC settings of every simkit run)
+    and the number of client steps it made."""
+    sc, env, ctx = build(scenario(algo, n, rounds), train=train)
     alg = REGISTRY[algo](ctx)
     with simulation_gc():   # as simkit.run.simulate does
         t = time.perf_counter()
@@ -154,16 +142,23 @@ def time_simkit(algo, n, rounds) -> tuple[float, int]:
     return dt, steps
 
 
+def time_noop(algo, n, rounds) -> float:
+    """Host seconds per client step of simkit alone (fast mode: no torch work)."""
+    dt, steps = run_simkit(algo, n, rounds, train=False)
+    return dt / steps
+
+
+def time_simkit(algo, n, rounds) -> tuple[float, int]:
+    return run_simkit(algo, n, rounds, train=True)
+
+
 def stats(xs):
     return min(xs), statistics.median(xs), max(xs)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--clients", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.reps = args.reps or (1 if args.quick else 3)

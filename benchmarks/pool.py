@@ -10,12 +10,11 @@ Run:  python -m benchmarks.pool [--quick] [--reps 3] [--json FILE]
 
 from __future__ import annotations
 
-from benchmarks import write_json
-
-import argparse
 import statistics
 import tempfile
 import time
+
+from benchmarks import parser, write_json
 
 
 def study_time(workers: int, runs: int, rounds: int) -> float:
@@ -32,10 +31,7 @@ def study_time(workers: int, runs: int, rounds: int) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--json", default=None)
+    ap = parser(__doc__)
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     runs, rounds = (4, 1) if args.quick else (8, 3)

@@ -13,8 +13,6 @@ Run:  python -m benchmarks.whatif [--quick] [--devices 10000] [--rounds 100] [--
 
 from __future__ import annotations
 
-from benchmarks import write_json
-
 import argparse
 import json
 import resource
@@ -22,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import parser, write_json
 
 
 def one_run(devices: int, rounds: int) -> dict:
@@ -43,12 +43,9 @@ def one_run(devices: int, rounds: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 100)

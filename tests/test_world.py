@@ -1,6 +1,5 @@
 """Devices, energy and availability: exact, hand-computed timelines and joules."""
 
-import math
 
 import pytest
 from hypothesis import given, settings
@@ -139,6 +138,19 @@ def test_battery_accounts_for_power_falling_when_the_tail_ends(env, log):
     assert log == [pytest.approx(8.0)]
 
 
+def run_spans(env, meter, intervals):
+    """Run one process per (state, start, duration): the meter is in ``state`` from start for duration."""
+    def span(state, start, dur):
+        yield env.timeout(start)
+        meter.begin(state)
+        yield env.timeout(dur)
+        meter.end(state)
+
+    for state, start, dur in intervals:
+        env.process(span(state, start, dur))
+    env.run()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["compute", "tx", "rx"]), st.floats(0, 5), st.floats(0, 5)),
                 min_size=1, max_size=12),
@@ -148,16 +160,7 @@ def test_energy_never_negative_and_at_least_idle_times_duration(intervals, idle,
 
     env = simpy.Environment()
     m = EnergyMeter(env, idle_w=idle, compute_w=2.0, tx_w=1.5, rx_w=0.5, tail_w=tail_w, tail_s=tail_s)
-
-    def span(state, start, dur):
-        yield env.timeout(start)
-        m.begin(state)
-        yield env.timeout(dur)
-        m.end(state)
-
-    for state, start, dur in intervals:
-        env.process(span(state, start, dur))
-    env.run()
+    run_spans(env, m, intervals)
     end = env.now
     j = m.snapshot()
     assert all(v >= 0 for v in j.values())
@@ -187,16 +190,7 @@ def test_radio_energy_is_power_times_the_union_of_overlapping_transfers(interval
 
     env = simpy.Environment()
     m = EnergyMeter(env, idle_w=0.25, compute_w=2.0, tx_w=1.5, rx_w=0.5, slots=2)
-
-    def span(state, start, dur):
-        yield env.timeout(start)
-        m.begin(state)
-        yield env.timeout(dur)
-        m.end(state)
-
-    for state, start, dur in intervals:
-        env.process(span(state, start, dur))
-    env.run()
+    run_spans(env, m, intervals)
     j = m.snapshot()
     spans = {k: [(a, a + d) for s_, a, d in intervals if s_ == k] for k in ("compute", "tx", "rx")}
     assert j["tx"] == pytest.approx(1.5 * _union_length(spans["tx"]), rel=1e-9, abs=1e-12)

@@ -115,54 +115,61 @@ class EnergyMeter:
 
     # -- state changes (called by devices and the network) -----------------------------------
     def begin(self, state: str) -> None:
-        """Enter ``state`` ('compute', 'tx' or 'rx'); nested entries are counted."""
-        # a second flow on a radio already sending (receiving) leaves the power as it is: nothing
-        # to settle (the integral over the whole constant stretch is taken at the next change)
-        if state == "tx":
+        """Enter ``state`` ('compute', 'tx' or 'rx'); nested entries are counted.
+
+        A second flow on a radio already sending (receiving) leaves the power as it is: nothing
+        is settled then (the integral over the whole constant stretch is taken at the next change).
+        """
+        if state == "compute":
+            self._settle()
+            self.busy += 1
+        elif state == "tx":
             if self.tx:
                 self.tx += 1
                 return
+            self._settle()
+            self.tx = 1
         elif state == "rx":
             if self.rx:
                 self.rx += 1
                 return
-        self._settle()
-        if state == "compute":
-            self.busy += 1
-        elif state == "tx":
-            self.tx += 1
-        elif state == "rx":
-            self.rx += 1
+            self._settle()
+            self.rx = 1
         else:
             raise ValueError(f"unknown energy state {state!r}")
         self._changed()
 
     def end(self, state: str) -> None:
-        """Leave ``state``; when the radio goes quiet its tail starts."""
+        """Leave ``state``; when the radio goes quiet its tail starts.
+
+        Power falls, unless the radio drops into a tail that draws more than the state it left:
+        only then is the battery check rescheduled. Otherwise the charge runs out later than
+        before, so the pending check (at or before the old empty instant) fires first and
+        reschedules (see :meth:`_schedule_empty`)."""
+        if state == "compute":
+            self._settle()
+            self.busy -= 1
+            return
         if state == "tx":
             if self.tx > 1:   # still sending: same power
                 self.tx -= 1
                 return
+            self._settle()
+            self.tx = 0
+            left_w = self.tx_w
         elif state == "rx":
             if self.rx > 1:
                 self.rx -= 1
                 return
-        self._settle()
-        if state == "compute":
-            self.busy -= 1
-        elif state == "tx":
-            self.tx -= 1
-        elif state == "rx":
-            self.rx -= 1
+            self._settle()
+            self.rx = 0
+            left_w = self.rx_w
         else:
             raise ValueError(f"unknown energy state {state!r}")
-        if state != "compute" and not self.tx and not self.rx and self.tail_s > 0:
+        if not self.tx and not self.rx and self.tail_s > 0:
             self.tail_until = self.env.now + self.tail_s
-            # the radio drops into its tail: power rises if the tail draws more than the state left
-            if self.tail_w > (self.tx_w if state == "tx" else self.rx_w):
+            if self.tail_w > left_w:
                 self._changed()
-        # otherwise power fell: the charge runs out later than before, so the pending battery check
-        # (at or before the old empty instant) fires first and reschedules (see _schedule_empty)
 
     def power_off(self) -> None:
         """The device is off from now on (no power is drawn, the tail is cut)."""
