@@ -256,3 +256,31 @@ def test_dropout_is_seeded_and_order_independent():
     assert 0.2 < rate < 0.4
     c = Availability(spec, 8, [f"d{i}" for i in range(50)])
     assert [c.drops_round(f"d{i}", 0) for i in range(50)] != [a.drops_round(f"d{i}", 0) for i in range(50)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["compute", "tx", "rx"]), st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 5),
+                          st.sampled_from([0.0, 1.0, 2.5]) | st.floats(0, 5)), min_size=1, max_size=12),
+       st.sampled_from([0.5, 2.0]) | st.floats(0.01, 6))
+def test_tail_energy_is_tail_power_times_each_quiet_gap_capped_at_the_tail(intervals, tail_s):
+    # after the radio's last flow ends (tx or rx) it stays in the tail until tail_s passes or a new
+    # flow starts: the tail's joules are tail_w times min(gap, tail_s) summed over the radio's gaps
+    import simpy
+
+    env = simpy.Environment()
+    m = EnergyMeter(env, idle_w=0.25, compute_w=2.0, tx_w=1.5, rx_w=0.5, tail_w=0.75, tail_s=tail_s)
+    run_spans(env, m, intervals)
+    end = env.now
+    merged = []
+    for a, b in sorted((a, a + d) for s_, a, d in intervals if s_ != "compute"):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps = [nxt[0] - cur[1] for cur, nxt in zip(merged, merged[1:])] + ([end - merged[-1][1]] if merged else [])
+    j = m.snapshot()
+    assert j["tail"] == pytest.approx(0.75 * sum(min(g, tail_s) for g in gaps), rel=1e-9, abs=1e-12)
+    radio = {k: [(a, a + d) for s_, a, d in intervals if s_ == k] for k in ("tx", "rx")}
+    assert j["tx"] == pytest.approx(1.5 * _union_length(radio["tx"]), rel=1e-9, abs=1e-12)
+    assert j["rx"] == pytest.approx(0.5 * _union_length(radio["rx"]), rel=1e-9, abs=1e-12)
+    assert m.total_j == pytest.approx(sum(j.values()), rel=1e-12)

@@ -149,11 +149,11 @@ class Device:
             started = env.now
             value = work() if work is not None else None
             meter = self.meter
-            meter.begin("compute")
+            meter.compute_begin()
             try:
                 yield env.timeout(flops / self.effective_flops * self.slowdown + self.overhead)
             finally:
-                meter.end("compute")
+                meter.compute_end()
             self.recorder.compute(self.name, started, env.now, flops, tag)
             return value
         except simpy.Interrupt as intr:

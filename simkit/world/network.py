@@ -999,9 +999,9 @@ class Network:
         settled = not self._pending and not self._dirty   # the rates are max-min right now
         self._join_links(f, route)
         if f._mtx is not None:
-            f._mtx.begin("tx")
+            f._mtx.tx_begin()
         if f._mrx is not None:
-            f._mrx.begin("rx")
+            f._mrx.rx_begin()
         self._n_active += 1
         if settled and self.incremental and self._join_local(f):
             self._dirty.clear()   # only f's edges were marked, and nobody else's rate changes
@@ -1154,9 +1154,9 @@ class Network:
 
     def _radios_off(self, f: Flow) -> None:
         if f._mtx is not None:
-            f._mtx.end("tx")
+            f._mtx.tx_end()
         if f._mrx is not None:
-            f._mrx.end("rx")
+            f._mrx.rx_end()
         self._n_active -= 1
 
     def _settle(self, f: Flow, now: float) -> None:
