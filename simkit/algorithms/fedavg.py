@@ -117,24 +117,28 @@ class FedAvg(Algorithm):
                 model[1].load_state_dict(self.global_server)
                 opt = ctx.optimizer(model.parameters())
                 anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
+            real = ctx.train and pre is None   # batched: the real work was done at the start of the round
+            costs = {}   # batch size -> (fwd, bwd) FLOPs of the whole model (client + server part)
             for e in range(spec.local_epochs):
                 order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
                 for idx in order:
                     b = batch_len(idx)
-                    cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
-                    sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
+                    cost = costs.get(b)
+                    if cost is None:
+                        cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
+                        sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
+                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
+                    step = None
+                    if real:
+                        def step(idx=idx):
+                            opt.zero_grad(set_to_none=True)
+                            loss = F.cross_entropy(model(c.x_train[idx]), c.y_train[idx])
+                            if anchor is not None:
+                                loss = loss + proximal_term(model.parameters(), anchor, spec.mu)
+                            loss.backward()
+                            opt.step()
 
-                    def step(idx=idx):
-                        opt.zero_grad(set_to_none=True)
-                        loss = F.cross_entropy(model(c.x_train[idx]), c.y_train[idx])
-                        if anchor is not None:
-                            loss = loss + proximal_term(model.parameters(), anchor, spec.mu)
-                        loss.backward()
-                        opt.step()
-
-                    # batched: the real work was done at the start of the round; only the cost remains
-                    yield from ctx.client_compute(c, cf.fwd + sf.fwd, cf.bwd + sf.bwd, "train",
-                                                  step if pre is None else None)
+                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step)
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
             else:

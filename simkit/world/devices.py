@@ -136,17 +136,19 @@ class Device:
         env = self.env
         if not self.on:
             raise DeviceOff(self.name, "off")
-        proc = env.active_process
+        proc = env._active_proc
         self._running.add(proc)
         started = None
         held = False
         ev = None
         try:
-            ev = self.acquire()
-            if ev is not None:
+            if self.busy < self.slots and not self._queue and not self._urgent:   # (acquire, inlined)
+                self.busy += 1
+            else:
+                ev = self.acquire()
                 yield ev
             held = True
-            started = env.now
+            started = env._now
             value = work() if work is not None else None
             meter = self.meter
             meter.compute_begin()
@@ -154,7 +156,7 @@ class Device:
                 yield env.timeout(flops / self.effective_flops * self.slowdown + self.overhead)
             finally:
                 meter.compute_end()
-            self.recorder.compute(self.name, started, env.now, flops, tag)
+            self.recorder.compute(self.name, started, env._now, flops, tag)
             return value
         except simpy.Interrupt as intr:
             if started is not None:
@@ -162,7 +164,10 @@ class Device:
             raise DeviceOff(self.name, str(intr.cause)) from None
         finally:
             if held:
-                self.release()
+                if self._queue or self._urgent:
+                    self.release()
+                else:   # nobody waits (release, inlined)
+                    self.busy -= 1
             elif ev is not None:
                 self._cancel(ev)
             self._running.discard(proc)
