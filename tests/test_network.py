@@ -772,8 +772,8 @@ class ProbedNetwork(Network):
             assert mine == pytest.approx(exact, rel=1e-9, abs=1e-9 * self._cap[li])
         type(self).local_updates += 1
 
-    def _join_local(self, f):
-        ok = super()._join_local(f)
+    def _join_local(self, f, route):
+        ok = super()._join_local(f, route)
         if ok:
             self._check()
         return ok

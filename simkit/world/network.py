@@ -996,15 +996,17 @@ class Network:
         """Make a flow active on ``route`` (radios on)."""
         if f.data_start is None:
             f.data_start = self.env._now
-        settled = not self._pending and not self._dirty   # the rates are max-min right now
-        self._join_links(f, route)
+        if self.incremental and not self._pending and not self._dirty:   # the rates are max-min now
+            joined = self._join_local(f, route)
+        else:
+            self._join_links(f, route)
+            joined = False
         if f._mtx is not None:
             f._mtx.tx_begin()
         if f._mrx is not None:
             f._mrx.rx_begin()
         self._n_active += 1
-        if settled and self.incremental and self._join_local(f):
-            self._dirty.clear()   # only f's edges were marked, and nobody else's rate changes
+        if joined:
             at = self._timer_at
             if at is None or f._fin < at:   # else the pending timer fires first and re-arms
                 self._arm_timer()
@@ -1034,57 +1036,83 @@ class Network:
                 on[f] = None
             dirty[li] = None
 
-    def _join_local(self, f: Flow) -> bool:
-        """Give a joining flow its max-min rate without touching the others, if that is the answer.
+    def _join_local(self, f: Flow, route: tuple) -> bool:
+        """Put ``f`` on ``route``'s edges (as :meth:`_join_links`) and give it its max-min rate
+        without touching the others, if that is the answer; else mark its edges changed.
 
-        Called when the rates are max-min (no change is waiting) and ``f`` has just been put on its
-        edges. Let ``b`` be the least of: the capacity of each edge only ``f`` crosses, and the
-        capacity left (capacity minus the other flows' rates) on each shared edge. If no shared edge
-        of ``f`` is full (so none is anybody's bottleneck), and ``b`` is reached on an edge of its
-        own or on a shared edge where no other flow is faster than ``b``, then ``f`` at rate ``b``
-        with every other rate unchanged is max-min fair: each flow still has a bottleneck (a full
-        edge on which no flow is faster), and the max-min allocation is unique. So it is *the*
-        allocation, up to rounding: ``b`` is ``capacity - load`` here, where progressive filling
-        would sum its levels (an edge of its own gives exactly its capacity either way), and the
-        load is the edge's running sum of rates (reset to exactly 0 when the edge empties, summed
-        afresh by every recomputation of its component), not a fresh sum. Otherwise (a shared edge
-        is full, or the bottleneck to scan has more than ``_LOCAL_MAX`` flows) returns False and the
+        Called when the rates are max-min (no change is waiting). Let ``b`` be the least of: the
+        capacity of each edge only ``f`` crosses, and the capacity left (capacity minus the other
+        flows' rates) on each shared edge. If no shared edge of ``f`` is full (so none is anybody's
+        bottleneck), and ``b`` is reached on an edge of its own or on a shared edge where no other
+        flow is faster than ``b``, then ``f`` at rate ``b`` with every other rate unchanged is
+        max-min fair: each flow still has a bottleneck (a full edge on which no flow is faster),
+        and the max-min allocation is unique. So it is *the* allocation, up to rounding: ``b`` is
+        ``capacity - load`` here, where progressive filling would sum its levels (an edge of its
+        own gives exactly its capacity either way), and the load is the edge's running sum of rates
+        (reset to exactly 0 when the edge empties, summed afresh by every recomputation of its
+        component), not a fresh sum. Otherwise (a shared edge is full, or the bottleneck to scan
+        has more than ``_LOCAL_MAX`` flows) marks ``f``'s edges changed and returns False: the
         caller queues the full recomputation. O(edges of f), plus a scan of its bottleneck edge
         when that is a shared one.
         """
+        now = self.env._now
+        f.status = "active"
+        f.path, f.links, lis, _, _ = route
+        f._li = lis
+        f.rate = 0.0
+        f._t = now
+        f._fin = _INF
+        f._due = -_INF
+        f._hseq = -1
         lf, cap, lload = self._link_flows, self._cap, self._lload
         own = _INF
         low = _INF
         low_li = -1
         shared = None
-        for li in f._li:
+        ok = True
+        for li in lis:
             on = lf[li]
             c = cap[li]
-            if on is f:
+            if on is None:   # an edge of its own
+                lf[li] = f
                 if c < own:
                     own = c
                 continue
-            left = c - lload[li]   # f's rate is still 0: the others' load
-            if left <= _LOCAL_EPS * c:   # full: it may be another flow's bottleneck
-                return False
-            if left < low:
-                low, low_li = left, li
-            if shared is None:
-                shared = [li]
+            if on.__class__ is Flow:
+                lf[li] = {on: None, f: None}
             else:
-                shared.append(li)
-        if own <= low:
-            b = own
-            util = 1.0
-        else:
-            b = low
-            on = lf[low_li]
-            if len(on) > self._LOCAL_MAX:
-                return False
-            for g in on:
-                if g is not f and g.rate > b:
-                    return False
-            util = 0.0
+                on[f] = None
+            if ok:
+                left = c - lload[li]   # f's rate is still 0: the others' load
+                if left <= _LOCAL_EPS * c:   # full: it may be another flow's bottleneck
+                    ok = False
+                    continue
+                if left < low:
+                    low, low_li = left, li
+                if shared is None:
+                    shared = [li]
+                else:
+                    shared.append(li)
+        if ok:
+            if own <= low:
+                b = own
+                util = 1.0
+            else:
+                b = low
+                util = 0.0
+                on = lf[low_li]
+                if len(on) > self._LOCAL_MAX:
+                    ok = False
+                else:
+                    for g in on:
+                        if g is not f and g.rate > b:
+                            ok = False
+                            break
+        if not ok:
+            dirty = self._dirty
+            for li in lis:
+                dirty[li] = None
+            return False
         if shared is not None:
             for li in shared:
                 x = (lload[li] + b) / cap[li]
@@ -1092,7 +1120,17 @@ class Network:
                     util = x
         if util > self._max_util:
             self._max_util = util
-        self._assign((f,), (b,), self.env._now)
+        self._heap_changed = True
+        if b == 0.0:   # (as _assign: a rate that does not change is left alone)
+            return True
+        # (_assign of the one flow, inlined: its rate was 0, so nothing to settle)
+        f.rate = b
+        for li in lis:
+            lload[li] += b
+        f._fin = fin = now + f.remaining * 8.0 / b
+        f._due = fin - (2e-9 * 8.0 * f.nbytes / b + 3e-12 * abs(fin))   # as in _assign
+        f._hseq = sq = next(self._seq)
+        heapq.heappush(self._heap, (fin, sq, f.id))
         return True
 
     def _leave_local(self, f: Flow) -> bool:
