@@ -278,9 +278,27 @@ class EnergyMeter:
             self._gen += 1  # void the pending check
             self._check_at = math.inf
             return
-        left = self.battery_j - self._used()
-        p = self.power()
-        now = self.env.now
+        # joules used so far (as _used) and the power now (as power), in one pass
+        now = self.env._now
+        quiet = not self.tx and not self.rx
+        used = self._j_compute + self._j_tx + self._j_rx + self._j_tail
+        p = self.idle_w
+        if self.busy:
+            w = self.compute_w * (self.busy / self.slots)
+            used += w * (now - self._c_since)
+            p += self.compute_w * self.busy / self.slots
+        if self.tx:
+            used += self.tx_w * (now - self._tx_since)
+            p += self.tx_w
+        if self.rx:
+            used += self.rx_w * (now - self._rx_since)
+            p += self.rx_w
+        if quiet:
+            if self.tail_until > self._quiet_since:
+                used += self.tail_w * (min(now, self.tail_until) - self._quiet_since)
+            if self.tail_until > now:
+                p += self.tail_w
+        left = self.battery_j - (used + self.idle_w * (self._on_acc + (now - self._on_since)))
         if left <= 0:
             delay = 0.0
         elif p <= 0:
@@ -288,7 +306,7 @@ class EnergyMeter:
         else:
             delay = left / p
             # if the tail ends before the charge runs out, power drops then: re-check at that instant
-            if not self.tx and not self.rx and self.tail_until > now:
+            if quiet and self.tail_until > now:
                 delay = min(delay, self.tail_until - now)
         at = now + delay
         if at >= self._check_at:
