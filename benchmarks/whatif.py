@@ -1,8 +1,8 @@
 """Fast what-if mode at scale: FedAvg with ``train: false`` on a 10,000-device two-tier fleet.
 
 Reports host seconds and peak memory (max RSS of a fresh child process per repetition), and the
-ratio of host time to the *engine-bound limit* measured in the same process (just before the run
-on a clean heap, and again just after it; under the same GC settings as the run):
+ratio of host time to the *engine-bound limit*, measured side by side (in a fresh process just
+before each run and in another just after it, averaged; under the same GC settings as the run):
 
     limit = (SimPy events the run scheduled) / (raw SimPy events per host second at this scale)
 
@@ -87,41 +87,49 @@ def concurrent_timeouts_rate(loops: int, per_loop: int, clock=time.perf_counter)
     return next(env._eid) / (clock() - t0)
 
 
-def one_run(devices: int, rounds: int) -> dict:
-    """Run in this process (called in a fresh child): host seconds, events, peak RSS, and the raw
-    SimPy rates, measured first (on a clean heap, under the same GC settings as the run)."""
-    from benchmarks.network import raw_timeouts
-    from simkit.run import prepare, simulate, simulation_gc
+def _steps() -> int:
+    n_test = max(1, round(64 * 0.2))  # workload.test_fraction's default; checked against the run
+    return -(-(64 - n_test) // 32)
 
-    sc = {
+
+def raw_rates(devices: int, rounds: int) -> dict:
+    """Run in a fresh child: the raw SimPy rates on a clean heap, under the run's GC settings."""
+    from benchmarks.network import raw_timeouts
+    from simkit.run import simulation_gc
+
+    steps = _steps()
+    bare_rounds = max(2, min(rounds, 2_000_000 // (devices * (steps + 4))))   # ~2M events, >= 2 rounds
+    raw = {}
+    with simulation_gc():
+        raw["raw_rate"], raw["bare_events_per_round"] = bare_protocol_rate(devices, bare_rounds, steps)
+    with simulation_gc():
+        raw["raw_rate_concurrent"] = concurrent_timeouts_rate(devices, max(2, 1_000_000 // devices))
+    with simulation_gc():
+        raw["raw_rate_loop"] = raw_timeouts(clock=time.perf_counter)
+    return raw
+
+
+def one_run(devices: int, rounds: int) -> dict:
+    """Run in a fresh child: host seconds, events and peak RSS of the simkit run."""
+    from simkit.run import prepare, simulate
+
+    p = prepare({
         "name": "whatif", "train": False, "record_timeline": False,
         "fleet": {"size": devices, "shares": {"phone-midrange": 0.5, "rpi4": 0.3, "laptop": 0.2}},
         "topology": {"kind": "two_tier", "gateways": max(2, devices // 100)},
         "workload": {"dataset": "digits", "samples_per_client": 64, "batch_size": 32},
         "algorithm": {"name": "fedavg", "rounds": rounds, "eval_every": rounds},
-    }
-    n_test = max(1, round(64 * 0.2))  # workload.test_fraction's default; checked against the run below
-    steps = -(-(64 - n_test) // 32)
-    # ~1M events of the bare skeleton (at least 2 rounds)
-    bare_rounds = max(2, min(rounds, 1_000_000 // (devices * (steps + 4))))
-    raw = {}
-    with simulation_gc():
-        before, raw["bare_events_per_round"] = bare_protocol_rate(devices, bare_rounds, steps)
-    with simulation_gc():
-        raw["raw_rate_concurrent"] = concurrent_timeouts_rate(devices, max(2, 1_000_000 // devices))
-    with simulation_gc():
-        raw["raw_rate_loop"] = raw_timeouts(clock=time.perf_counter)
-    p = prepare(sc)
-    assert p.ctx.steps_per_epoch(p.ctx.clients[0]) * p.scenario.algorithm.local_epochs == steps
+    })
+    assert p.ctx.steps_per_epoch(p.ctx.clients[0]) * p.scenario.algorithm.local_epochs == _steps()
     run_s = simulate(p)
-    # this VM's speed drifts over minutes: the bare protocol again after the run (the run's objects
-    # frozen out of the collector's view, as during the run), and the mean of the two rates
-    with simulation_gc():
-        after, _ = bare_protocol_rate(devices, bare_rounds, steps)
-    raw["raw_rate"] = (before + after) / 2
-    raw["raw_rate_before"], raw["raw_rate_after"] = before, after
-    return {"setup_s": p.setup_s, "run_s": run_s, "events": next(p.env._eid), "sim_time_s": p.env.now, **raw,
+    return {"setup_s": p.setup_s, "run_s": run_s, "events": next(p.env._eid), "sim_time_s": p.env.now,
             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _child(mode: str, devices: int, rounds: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.whatif", mode, "--devices", str(devices),
+                          "--rounds", str(rounds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> dict:
@@ -129,18 +137,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 100)
     devices = args.devices if not args.quick else min(args.devices, 2000)
-    if args.child:
-        print(json.dumps(one_run(devices, rounds)))
+    if args.child or args.raw_child:
+        print(json.dumps(one_run(devices, rounds) if args.child else raw_rates(devices, rounds)))
         return {}
     reps = args.reps or (1 if args.quick else 3)
     rows = []
     for _ in range(reps):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.whatif", "--child", "--devices", str(devices),
-                              "--rounds", str(rounds)], capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        # the raw rates in fresh processes just before and just after the run (this VM's speed
+        # drifts over minutes), averaged; each on a clean heap like the start of the run
+        before = _child("--raw-child", devices, rounds)
+        r = _child("--child", devices, rounds)
+        after = _child("--raw-child", devices, rounds)
+        r.update({k: (before[k] + after[k]) / 2 for k in before})
+        r["raw_rate_before"], r["raw_rate_after"] = before["raw_rate"], after["raw_rate"]
         r["limit_s"] = r["events"] / r["raw_rate"]
         r["ratio"] = r["run_s"] / r["limit_s"]
         r["ratio_loop"] = r["run_s"] * r["raw_rate_loop"] / r["events"]
@@ -157,6 +170,8 @@ def main(argv=None) -> dict:
     for key, label, fmt in [("setup_s", "setup host s", "{:.2f}"), ("run_s", "simulation host s", "{:.2f}"),
                             ("events", "SimPy events", "{:,.0f}"),
                             ("raw_rate", "bare protocol events/s", "{:,.0f}"),
+                            ("raw_rate_before", "  before the run", "{:,.0f}"),
+                            ("raw_rate_after", "  after the run", "{:,.0f}"),
                             ("limit_s", "engine-bound limit s", "{:.2f}"), ("ratio", "host / limit", "{:.2f}"),
                             ("raw_rate_concurrent", f"{devices:,} timeout loops/s", "{:,.0f}"),
                             ("ratio_concurrent", "  ratio at that rate", "{:.2f}"),
