@@ -136,16 +136,14 @@ class Device:
         env = self.env
         if not self.on:
             raise DeviceOff(self.name, "off")
-        proc = env._active_proc
+        proc = env.active_process
         self._running.add(proc)
         started = None
         held = False
         ev = None
         try:
-            if self.busy < self.slots and not self._queue and not self._urgent:   # (acquire, inlined)
-                self.busy += 1
-            else:
-                ev = self.acquire()
+            ev = self.acquire()
+            if ev is not None:
                 yield ev
             held = True
             started = env._now
@@ -164,10 +162,7 @@ class Device:
             raise DeviceOff(self.name, str(intr.cause)) from None
         finally:
             if held:
-                if self._queue or self._urgent:
-                    self.release()
-                else:   # nobody waits (release, inlined)
-                    self.busy -= 1
+                self.release()
             elif ev is not None:
                 self._cancel(ev)
             self._running.discard(proc)

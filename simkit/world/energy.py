@@ -30,8 +30,6 @@ from collections.abc import Callable
 
 import simpy
 
-STATES = ("idle", "compute", "tx", "rx", "tail")
-
 
 class EnergyMeter:
     """Integrates one device's power by state.
@@ -103,21 +101,27 @@ class EnergyMeter:
             self._j_tail += self._tail_upto(now)
         self._on_since = self._c_since = self._tx_since = self._rx_since = self._quiet_since = now
 
-    def _used(self) -> float:
-        """Joules drawn up to now (committed plus the open stretches), without committing."""
+    def _used_and_power(self) -> tuple[float, float]:
+        """Joules drawn up to now (committed plus the open stretches, not committed) and the power
+        now, in one pass; for a device that is on."""
         now = self.env._now
         used = self._j_compute + self._j_tx + self._j_rx + self._j_tail
-        on = self._on_acc
-        if self.on:
-            on += now - self._on_since
-            if self.busy:
-                used += self.compute_w * (self.busy / self.slots) * (now - self._c_since)
-            if self.tx:
-                used += self.tx_w * (now - self._tx_since)
-            if self.rx:
-                used += self.rx_w * (now - self._rx_since)
+        p = self.idle_w
+        if self.busy:
+            w = self.compute_w * (self.busy / self.slots)
+            used += w * (now - self._c_since)
+            p += w
+        if self.tx:
+            used += self.tx_w * (now - self._tx_since)
+            p += self.tx_w
+        if self.rx:
+            used += self.rx_w * (now - self._rx_since)
+            p += self.rx_w
+        if not self.tx and not self.rx:
             used += self._tail_upto(now)
-        return used + self.idle_w * on
+            if self.tail_until > now:
+                p += self.tail_w
+        return used + self.idle_w * (self._on_acc + (now - self._on_since)), p
 
     @property
     def on_time(self) -> float:
@@ -126,18 +130,7 @@ class EnergyMeter:
 
     def power(self) -> float:
         """Current power draw in watts."""
-        if not self.on:
-            return 0.0
-        p = self.idle_w
-        if self.busy:
-            p += self.compute_w * self.busy / self.slots
-        if self.tx:
-            p += self.tx_w
-        if self.rx:
-            p += self.rx_w
-        if not self.tx and not self.rx and self.tail_until > self.env.now:
-            p += self.tail_w
-        return p
+        return self._used_and_power()[1] if self.on else 0.0
 
     @property
     def total_j(self) -> float:
@@ -148,11 +141,6 @@ class EnergyMeter:
         self._commit()
         return {"idle": self.idle_w * self._on_acc, "compute": self._j_compute, "tx": self._j_tx,
                 "rx": self._j_rx, "tail": self._j_tail}
-
-    @property
-    def joules(self) -> dict[str, float]:
-        """The same as :meth:`snapshot`."""
-        return self.snapshot()
 
     # -- state changes (called by devices and the network) -----------------------------------
     def compute_begin(self) -> None:
@@ -278,27 +266,9 @@ class EnergyMeter:
             self._gen += 1  # void the pending check
             self._check_at = math.inf
             return
-        # joules used so far (as _used) and the power now (as power), in one pass
         now = self.env._now
-        quiet = not self.tx and not self.rx
-        used = self._j_compute + self._j_tx + self._j_rx + self._j_tail
-        p = self.idle_w
-        if self.busy:
-            w = self.compute_w * (self.busy / self.slots)
-            used += w * (now - self._c_since)
-            p += self.compute_w * self.busy / self.slots
-        if self.tx:
-            used += self.tx_w * (now - self._tx_since)
-            p += self.tx_w
-        if self.rx:
-            used += self.rx_w * (now - self._rx_since)
-            p += self.rx_w
-        if quiet:
-            if self.tail_until > self._quiet_since:
-                used += self.tail_w * (min(now, self.tail_until) - self._quiet_since)
-            if self.tail_until > now:
-                p += self.tail_w
-        left = self.battery_j - (used + self.idle_w * (self._on_acc + (now - self._on_since)))
+        used, p = self._used_and_power()
+        left = self.battery_j - used
         if left <= 0:
             delay = 0.0
         elif p <= 0:
@@ -306,7 +276,7 @@ class EnergyMeter:
         else:
             delay = left / p
             # if the tail ends before the charge runs out, power drops then: re-check at that instant
-            if quiet and self.tail_until > now:
+            if not self.tx and not self.rx and self.tail_until > now:
                 delay = min(delay, self.tail_until - now)
         at = now + delay
         if at >= self._check_at:
@@ -321,7 +291,7 @@ class EnergyMeter:
         if gen != self._gen or not self.on:
             return
         self._check_at = math.inf
-        if self._used() >= self.battery_j * (1 - 1e-12):
+        if self._used_and_power()[0] >= self.battery_j * (1 - 1e-12):
             self._gen += 1
             if self.on_empty is not None:
                 self.on_empty()

@@ -218,6 +218,18 @@ class Flow:
                 f"rate={self.rate:g}, remaining={self.remaining:g})")
 
 
+def _fire(f: Flow, exc: BaseException | None = None) -> None:
+    """Trigger ``f``'s event (delivered: with the flow; else failed with ``exc``, defused) and let
+    go of it: the event's value refers to the flow, so keeping it would make a reference cycle
+    that only the garbage collector could free (see :attr:`Flow.event`)."""
+    ev, f.event = f.event, None
+    if exc is None:
+        ev.succeed(f)
+    else:
+        ev.defused = True
+        ev.fail(exc)
+
+
 class NetworkStats(NamedTuple):
     """A snapshot of the network's counters (:attr:`Network.stats`).
 
@@ -627,8 +639,7 @@ class Network:
             self._delivered += 1
             self._bytes_delivered += f.nbytes
             self._record(f)
-            f.event = None   # (fired at once: no flow <-> event cycle)
-            ev.succeed(f)
+            _fire(f)
             return ev
         key = si * len(self._nodes) + di
         route = self._pairs.get(key, _MISS)
@@ -778,9 +789,7 @@ class Network:
         flows = sorted(mine, key=lambda f: f.id)
         for f in flows:
             self._close(f, "dropped")
-            ev, f.event = f.event, None   # (no flow <-> event reference cycle once it fired)
-            ev.defused = True
-            ev.fail(TransferAborted(f))
+            _fire(f, TransferAborted(f))
         if flows:
             self._request_recompute()
         return flows
@@ -986,8 +995,7 @@ class Network:
         if f.nbytes == 0:
             f.data_start = self.env._now
             self._close(f, "delivered")
-            ev, f.event = f.event, None   # (no flow <-> event reference cycle once it fired)
-            ev.succeed(f)
+            _fire(f)
             return
         # the route as of now (links may have changed); the cached one if no link went down or up
         route = f._rt if f._rep == self._epoch else self._route_idx(f._si, f._di)
@@ -1023,14 +1031,21 @@ class Network:
             ev.callbacks = self._wakeup_cbs
             self.env.schedule(ev)
 
-    def _join_links(self, f: Flow, route: tuple) -> None:
+    @staticmethod
+    def _activate(f: Flow, route: tuple, now: float) -> tuple:
+        """Set ``f`` up as active on ``route`` (rate 0, no finish time yet); returns its edges."""
         f.status = "active"
-        f.path, f.links, f._li, _, _ = route
+        f.path, f.links, lis, _, _ = route
+        f._li = lis
         f.rate = 0.0
-        f._t = self.env._now
+        f._t = now
         f._fin = _INF
         f._due = -_INF
         f._hseq = -1
+        return lis
+
+    def _join_links(self, f: Flow, route: tuple) -> None:
+        self._activate(f, route, self.env._now)
         lf, dirty = self._link_flows, self._dirty
         for li in f._li:
             on = lf[li]
@@ -1062,14 +1077,7 @@ class Network:
         when that is a shared one.
         """
         now = self.env._now
-        f.status = "active"
-        f.path, f.links, lis, _, _ = route
-        f._li = lis
-        f.rate = 0.0
-        f._t = now
-        f._fin = _INF
-        f._due = -_INF
-        f._hseq = -1
+        lis = self._activate(f, route, now)
         lf, cap, lload = self._link_flows, self._cap, self._lload
         own = _INF
         low = _INF
@@ -1361,8 +1369,7 @@ class Network:
             if done is not None:
                 for f in done:
                     self._close(f, "delivered")
-                    ev, f.event = f.event, None   # (no flow <-> event reference cycle once it fired)
-                    ev.succeed(f)
+                    _fire(f)
                 self._dirty.clear()   # only edges of this component were touched
             if keep:
                 self._assign(keep, self._rates(keep), now)
@@ -1608,8 +1615,7 @@ class Network:
                 if local and not self._leave_local(f):
                     local = False
                 self._close(f, "delivered")
-                ev, f.event = f.event, None   # (no flow <-> event reference cycle once it fired)
-                ev.succeed(f)
+                _fire(f)
                 ended = True
         if ended:
             if local:   # nobody's rate changes: forget the edges _close marked
