@@ -17,7 +17,7 @@ Counting conventions (documented in docs/model.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,8 +112,16 @@ class Context:
         self.flops_client_bwd = 0.0
         self.flops_server = 0.0
         self._flop_cache: dict = {}
+        self._sizes: dict[int, tuple[int, ...]] = {}   # fast mode: n_train -> its mini-batch sizes
         self.finished: dict[str, int] = {}  # client -> rounds it completed
         self._build_workload()
+        # Count each model part at the batch size now, as the algorithms will (client part without,
+        # server part with the input gradient): part of setting the run up, and the first count in
+        # a process also pays torch's one-off set-up of its FLOP counter (about 1 s here), which
+        # would otherwise land inside the simulation's first step.
+        for key, m in self.client_templates.items():
+            self.flops(m, "client", key, self.batch_size, input_grad=False)
+            self.flops(self.server_template, "server", key, self.batch_size, input_grad=True)
 
     # -- workload ----------------------------------------------------------------------------
     def _build_workload(self) -> None:
@@ -185,14 +193,18 @@ class Context:
         self.clients.append(c)
 
     # -- batches -----------------------------------------------------------------------------
-    def epoch_order(self, client: ClientRuntime, epoch: int) -> list:
+    def epoch_order(self, client: ClientRuntime, epoch: int) -> Sequence:
         """The mini-batches of ``client`` in ``epoch``: index tensors (seeded, deterministic), or in
-        the fast mode just their sizes (ints; the same sizes, since order does not change them).
+        the fast mode just their sizes (a tuple of ints, shared: the same sizes, since order does not
+        change them).
         Use :func:`batch_len` for the size of either."""
         b = self.batch_size
         if not self.train:
-            full, rest = divmod(client.n_train, b)
-            return [b] * full + ([rest] if rest else [])
+            sizes = self._sizes.get(client.n_train)
+            if sizes is None:   # the same for every epoch and every client of this size: built once
+                full, rest = divmod(client.n_train, b)
+                sizes = self._sizes[client.n_train] = (b,) * full + ((rest,) if rest else ())
+            return sizes
         rng = np.random.default_rng(self.seeds.sequence(f"batches.{client.index}.{epoch}"))
         perm = torch.from_numpy(rng.permutation(client.n_train)).to(self.tdev)
         return [perm[i:i + b] for i in range(0, client.n_train, b)]

@@ -73,6 +73,8 @@ class FedAvg(Algorithm):
         #: batched (bool) and the reason
         self.batching: list[dict] = []
         self._unsupported: dict[str, str | None] = {}
+        #: (model key, batch size) -> (fwd, bwd) FLOPs of one local step of the whole model
+        self._step_costs: dict[tuple[str, int], tuple[float, float]] = {}
 
     def worker(self, c: ClientRuntime) -> nn.Sequential:
         m = self.workers.get(c.name)
@@ -107,9 +109,9 @@ class FedAvg(Algorithm):
 
     def client_round(self, c: ClientRuntime, rnd: int, pre: _Precomputed | None = None):
         ctx, env, spec = self.ctx, self.ctx.env, self.spec
-        server = ctx.world.server
+        server, dev = ctx.world.server, c.device
         try:
-            yield ctx.send(server, c.device, self.whole_bytes[c.key], "model_down")
+            yield ctx.send(server, dev, self.whole_bytes[c.key], "model_down")
             model = opt = anchor = None
             if ctx.train and pre is None:
                 model = self.worker(c)
@@ -118,16 +120,16 @@ class FedAvg(Algorithm):
                 opt = ctx.optimizer(model.parameters())
                 anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
             real = ctx.train and pre is None   # batched: the real work was done at the start of the round
-            costs = {}   # batch size -> (fwd, bwd) FLOPs of the whole model (client + server part)
+            costs = self._step_costs
             for e in range(spec.local_epochs):
                 order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
                 for idx in order:
                     b = batch_len(idx)
-                    cost = costs.get(b)
+                    cost = costs.get((c.key, b))
                     if cost is None:
                         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
                         sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
+                        cost = costs[c.key, b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
                     step = None
                     if real:
                         def step(idx=idx):
@@ -138,13 +140,16 @@ class FedAvg(Algorithm):
                             loss.backward()
                             opt.step()
 
-                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step)
+                    # (ctx.client_compute without its generator layer: this is the what-if hot path)
+                    yield from dev.computing(cost[0] + cost[1], "train", step)
+                    ctx.flops_client_fwd += cost[0]
+                    ctx.flops_client_bwd += cost[1]
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
             else:
                 result = ((_clone_state(model[0]), _clone_state(model[1])) if ctx.train else (None, None)) + \
                     (c.n_train, c.key)
-            yield ctx.send(c.device, server, self.whole_bytes[c.key], "model_up")
+            yield ctx.send(dev, server, self.whole_bytes[c.key], "model_up")
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
             return result
         except Unavailable as exc:
