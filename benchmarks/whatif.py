@@ -1,8 +1,7 @@
 """Fast what-if mode at scale: FedAvg with ``train: false`` on a 10,000-device two-tier fleet.
 
 Reports host seconds and peak memory (max RSS of a fresh child process per repetition), and the
-ratio of host time to the *engine-bound limit*, measured side by side (in a fresh process just
-before each run and in another just after it, averaged; under the same GC settings as the run):
+ratio of host time to the *engine-bound limit*, measured side by side:
 
     limit = (SimPy events the run scheduled) / (raw SimPy events per host second at this scale)
 
@@ -19,6 +18,15 @@ process per device with a download timeout, one timeout per local step, an uploa
 it, with the ratios they would give. (Until 2026-11-30 the one-process loop rate was the
 denominator; RESULTS.md gives both.) The bare protocol's own time for the same rounds, i.e. the
 limit counted with its 6 events per device-round instead of simkit's ~8, is printed too.
+
+**Interleaved.** This VM's speed drifts by 10-20 % over minutes, so a rate measured before or
+after a one-minute run can be off by that much against the run itself (one pair of reps gave
+430k and 575k events/s). Each repetition therefore keeps two fresh child processes side by side:
+the simulation runs in ``slices`` (a tenth of the rounds each; its host time is the sum of the
+slices), and between every two slices, and before the first and after the last, the other child
+runs a burst of the bare protocol (~1M events, a fresh environment each, clean heap, the run's
+GC settings). Each slice's limit uses the mean rate of the bursts either side of it. The two
+children never run at once (each waits for the parent), so neither slows the other.
 
 Run:  python -m benchmarks.whatif [--quick] [--devices 10000] [--rounds 100] [--reps 3] [--json FILE]
 """
@@ -92,26 +100,42 @@ def _steps() -> int:
     return -(-(64 - n_test) // 32)
 
 
-def raw_rates(devices: int, rounds: int) -> dict:
-    """Run in a fresh child: the raw SimPy rates on a clean heap, under the run's GC settings."""
+def _bare_rounds(devices: int) -> int:
+    return max(2, 1_000_000 // (devices * (_steps() + 4)))   # a burst of ~1M events, >= 2 rounds
+
+
+def bare_child(devices: int) -> None:
+    """A fresh child: for each ``go`` on stdin, one burst of the bare protocol (its rate on stdout,
+    as JSON); on ``others``, the one-process loop and the concurrent-loops rates."""
     from benchmarks.network import raw_timeouts
     from simkit.run import simulation_gc
 
-    steps = _steps()
-    bare_rounds = max(2, min(rounds, 2_000_000 // (devices * (steps + 4))))   # ~2M events, >= 2 rounds
-    raw = {}
-    with simulation_gc():
-        raw["raw_rate"], raw["bare_events_per_round"] = bare_protocol_rate(devices, bare_rounds, steps)
-    with simulation_gc():
-        raw["raw_rate_concurrent"] = concurrent_timeouts_rate(devices, max(2, 1_000_000 // devices))
-    with simulation_gc():
-        raw["raw_rate_loop"] = raw_timeouts(clock=time.perf_counter)
-    return raw
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "go":
+            with simulation_gc():
+                rate, per_round = bare_protocol_rate(devices, _bare_rounds(devices), _steps())
+            out = {"rate": rate, "per_round": per_round}
+        elif cmd == "others":
+            with simulation_gc():
+                concurrent = concurrent_timeouts_rate(devices, max(2, 1_000_000 // devices))
+            with simulation_gc():
+                loop = raw_timeouts(clock=time.perf_counter)
+            out = {"raw_rate_concurrent": concurrent, "raw_rate_loop": loop}
+        else:
+            return
+        print(json.dumps(out), flush=True)
 
 
-def one_run(devices: int, rounds: int) -> dict:
-    """Run in a fresh child: host seconds, events and peak RSS of the simkit run."""
-    from simkit.run import prepare, simulate
+def _eid(env) -> int:
+    """How many events ``env`` has scheduled so far (without taking an id from it)."""
+    return int(repr(env._eid)[len("count("):-1])
+
+
+def sim_child(devices: int, rounds: int, slices: int) -> None:
+    """A fresh child: set the run up, then for each ``go`` on stdin simulate the next slice of
+    rounds (host seconds and events on stdout, as JSON); after the last, the run's totals."""
+    from simkit.run import prepare, simulation_gc
 
     p = prepare({
         "name": "whatif", "train": False, "record_timeline": False,
@@ -121,41 +145,109 @@ def one_run(devices: int, rounds: int) -> dict:
         "algorithm": {"name": "fedavg", "rounds": rounds, "eval_every": rounds},
     })
     assert p.ctx.steps_per_epoch(p.ctx.clients[0]) * p.scenario.algorithm.local_epochs == _steps()
-    run_s = simulate(p)
-    return {"setup_s": p.setup_s, "run_s": run_s, "events": next(p.env._eid), "sim_time_s": p.env.now,
-            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    env, algo = p.env, p.algorithm
+    per_slice = -(-rounds // slices)
+    stop = {"ev": None}
+    orig = algo.maybe_evaluate
+
+    def end_of_round(rnd: int, _orig=orig) -> None:   # ends a slice every `per_slice` rounds
+        _orig(rnd)
+        if (rnd + 1) % per_slice == 0 and rnd + 1 < rounds and stop["ev"] is not None:
+            stop["ev"].succeed()
+
+    algo.maybe_evaluate = end_of_round
+    print(json.dumps({"setup_s": p.setup_s}), flush=True)
+    with simulation_gc():
+        main = env.process(algo.run())
+        while not main.processed:
+            if sys.stdin.readline().strip() != "go":
+                return
+            stop["ev"] = env.event()
+            e0 = _eid(env)
+            t0 = time.perf_counter()
+            env.run(until=env.any_of([stop["ev"], main]))
+            run_s = time.perf_counter() - t0
+            print(json.dumps({"run_s": run_s, "events": _eid(env) - e0, "done": main.processed}), flush=True)
+    print(json.dumps({"events": _eid(env), "sim_time_s": env.now,
+                      "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
-def _child(mode: str, devices: int, rounds: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.whatif", mode, "--devices", str(devices),
-                          "--rounds", str(rounds)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class _Child:
+    def __init__(self, *args: str):
+        self.p = subprocess.Popen([sys.executable, "-m", "benchmarks.whatif", *args], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+
+    def ask(self, cmd: str | None = None) -> dict:
+        if cmd is not None:
+            self.p.stdin.write(cmd + "\n")
+            self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark child {self.p.args[3:]} exited with {self.p.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.p.wait()
+
+
+def one_rep(devices: int, rounds: int) -> dict:
+    """One repetition: the simulation in slices, bursts of the bare protocol between them."""
+    slices = min(10, rounds)
+    sim = _Child("--sim-child", "--devices", str(devices), "--rounds", str(rounds), "--slices", str(slices))
+    bare = _Child("--bare-child", "--devices", str(devices))
+    try:
+        r = sim.ask()
+        rates = [bare.ask("go")]
+        run_s = limit_s = 0.0
+        parts = []
+        while True:
+            part = sim.ask("go")
+            rates.append(bare.ask("go"))
+            rate = (rates[-2]["rate"] + rates[-1]["rate"]) / 2
+            run_s += part["run_s"]
+            limit_s += part["events"] / rate
+            parts.append(part["run_s"] / (part["events"] / rate))
+            if part["done"]:
+                break
+        r.update(sim.ask())   # its totals, printed after the last slice
+        r.update(bare.ask("others"))
+    finally:
+        sim.close()
+        bare.close()
+    r["run_s"], r["limit_s"] = run_s, limit_s
+    r["raw_rate"] = r["events"] / limit_s   # the slice-weighted rate
+    r["raw_rate_min"] = min(x["rate"] for x in rates)
+    r["raw_rate_max"] = max(x["rate"] for x in rates)
+    r["bare_events_per_round"] = rates[0]["per_round"]
+    r["ratio"] = run_s / limit_s
+    r["ratio_slice_min"], r["ratio_slice_max"] = min(parts), max(parts)
+    return r
 
 
 def main(argv=None) -> dict:
     ap = parser(__doc__)
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sim-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--slices", type=int, default=10, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 100)
     devices = args.devices if not args.quick else min(args.devices, 2000)
-    if args.child or args.raw_child:
-        print(json.dumps(one_run(devices, rounds) if args.child else raw_rates(devices, rounds)))
+    if args.sim_child:
+        sim_child(devices, rounds, args.slices)
+        return {}
+    if args.bare_child:
+        bare_child(devices)
         return {}
     reps = args.reps or (1 if args.quick else 3)
     rows = []
     for _ in range(reps):
-        # the raw rates in fresh processes just before and just after the run (this VM's speed
-        # drifts over minutes), averaged; each on a clean heap like the start of the run
-        before = _child("--raw-child", devices, rounds)
-        r = _child("--child", devices, rounds)
-        after = _child("--raw-child", devices, rounds)
-        r.update({k: (before[k] + after[k]) / 2 for k in before})
-        r["raw_rate_before"], r["raw_rate_after"] = before["raw_rate"], after["raw_rate"]
-        r["limit_s"] = r["events"] / r["raw_rate"]
-        r["ratio"] = r["run_s"] / r["limit_s"]
+        r = one_rep(devices, rounds)
         r["ratio_loop"] = r["run_s"] * r["raw_rate_loop"] / r["events"]
         r["ratio_concurrent"] = r["run_s"] * r["raw_rate_concurrent"] / r["events"]
         r["bare_s"] = r["bare_events_per_round"] * rounds / r["raw_rate"]   # the bare protocol, all rounds
@@ -170,9 +262,11 @@ def main(argv=None) -> dict:
     for key, label, fmt in [("setup_s", "setup host s", "{:.2f}"), ("run_s", "simulation host s", "{:.2f}"),
                             ("events", "SimPy events", "{:,.0f}"),
                             ("raw_rate", "bare protocol events/s", "{:,.0f}"),
-                            ("raw_rate_before", "  before the run", "{:,.0f}"),
-                            ("raw_rate_after", "  after the run", "{:,.0f}"),
+                            ("raw_rate_min", "  slowest burst", "{:,.0f}"),
+                            ("raw_rate_max", "  fastest burst", "{:,.0f}"),
                             ("limit_s", "engine-bound limit s", "{:.2f}"), ("ratio", "host / limit", "{:.2f}"),
+                            ("ratio_slice_min", "  lowest slice", "{:.2f}"),
+                            ("ratio_slice_max", "  highest slice", "{:.2f}"),
                             ("raw_rate_concurrent", f"{devices:,} timeout loops/s", "{:,.0f}"),
                             ("ratio_concurrent", "  ratio at that rate", "{:.2f}"),
                             ("raw_rate_loop", "1 timeout loop/s", "{:,.0f}"),

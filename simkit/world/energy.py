@@ -19,16 +19,78 @@ tail's end, the next transfer and switching off. There is no sampling, and a cha
 costs a few float operations (this is the co-simulation hot path: every compute and transfer).
 
 A device that is off (crashed, battery empty, outside its availability window) draws nothing.
-With a battery, the meter schedules the instant the charge runs out under the current power and
-calls ``on_empty`` then; every state change reschedules it.
+With a battery, the meter calls ``on_empty`` at the exact instant the charge runs out. While more
+than :data:`NEAR_EMPTY` of the charge is left it only checks at the earliest instant the battery
+*could* be empty (drawing every term at once, :attr:`EnergyMeter.max_w`), so no state change has to
+look at the battery; closer to empty it schedules the instant the charge runs out under the
+current power, and a state change that brings that instant forward reschedules it. The
+checks of a fleet's meters share one :class:`BatteryWatch`: its own heap, and one SimPy timeout at
+the earliest check, so the event queue does not carry one far-future timeout per battery (with
+10,000 devices those made up two thirds of the queue, and every event paid for its depth).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Callable
 
 import simpy
+
+
+#: below this share of its capacity left, a battery is checked at the exact empty instant under the
+#: current power (rescheduled by every rise in power); above it, at the earliest possible one
+NEAR_EMPTY = 0.05
+
+
+class BatteryWatch:
+    """Battery checks of many meters behind one SimPy timeout.
+
+    :meth:`schedule` files a check (instant, meter, generation) in a heap; one timeout is kept
+    pending at the earliest filed instant (an earlier filing arms a new one; the older timeout,
+    no longer current, does nothing when it fires). When the current one fires, every check
+    due by then runs, in the order filed for equal instants, and the next one is armed. A check
+    whose generation is no longer its meter's (the meter rescheduled or switched off) is skipped.
+    """
+
+    __slots__ = ("env", "_heap", "_seq", "_at", "_timer", "_cb")
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self._heap: list[tuple[float, int, EnergyMeter, int]] = []
+        self._seq = itertools.count()
+        self._at = math.inf      # when the pending timeout fires (inf: none pending)
+        self._timer = None
+        self._cb = self._fire
+
+    def schedule(self, meter: "EnergyMeter", at: float, gen: int) -> None:
+        """Run ``meter._check_empty(gen)`` at simulated time ``at`` (>= now)."""
+        heapq.heappush(self._heap, (at, next(self._seq), meter, gen))
+        if at < self._at:
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        self._at = at
+        now = self.env._now
+        ev = self._timer = self.env.timeout(at - now if at > now else 0.0)
+        ev.callbacks.append(self._cb)
+
+    def _fire(self, ev) -> None:
+        if ev is not self._timer:   # superseded by an earlier filing
+            return
+        due = self._at   # the instant it was armed for (the clock may differ from it in the last bit)
+        self._timer = None
+        self._at = -math.inf   # no arming while the checks run: they may file new checks
+        heap = self._heap
+        while heap and heap[0][0] <= due:
+            _, _, meter, gen = heapq.heappop(heap)
+            meter._check_empty(gen)
+        while heap and heap[0][2]._gen != heap[0][3]:   # drop stale checks at the top
+            heapq.heappop(heap)
+        self._at = math.inf
+        if heap:
+            self._arm(heap[0][0])
 
 
 class EnergyMeter:
@@ -41,6 +103,8 @@ class EnergyMeter:
         slots: parallel compute slots (servers); compute power scales with busy/slots.
         battery_j: capacity in joules, or None for mains power.
         on_empty: called once (with no arguments) at the simulated instant the battery empties.
+        watch: the :class:`BatteryWatch` that runs the battery checks (a fleet shares one); by
+            default the meter makes its own when it first needs one.
 
     State changes come through :meth:`compute_begin`/:meth:`compute_end`, :meth:`tx_begin`/
     :meth:`tx_end`, :meth:`rx_begin`/:meth:`rx_end` (nested entries are counted) and
@@ -49,7 +113,8 @@ class EnergyMeter:
 
     __slots__ = (
         "env", "idle_w", "compute_w", "tx_w", "rx_w", "tail_w", "tail_s", "slots",
-        "battery_j", "on_empty", "on", "busy", "tx", "rx", "tail_until", "started", "_gen", "_check_at",
+        "battery_j", "on_empty", "on", "busy", "tx", "rx", "tail_until", "started", "_gen", "_check_at", "watch",
+        "max_w", "_near",
         # committed joules per term, and since when each term has been constant and not committed
         "_on_acc", "_on_since", "_j_compute", "_c_since", "_j_tx", "_tx_since", "_j_rx", "_rx_since",
         "_j_tail", "_quiet_since",
@@ -57,8 +122,10 @@ class EnergyMeter:
 
     def __init__(self, env: simpy.Environment, *, idle_w: float, compute_w: float, tx_w: float = 0.0,
                  rx_w: float = 0.0, tail_w: float = 0.0, tail_s: float = 0.0, slots: int = 1,
-                 battery_j: float | None = None, on_empty: Callable[[], None] | None = None):
+                 battery_j: float | None = None, on_empty: Callable[[], None] | None = None,
+                 watch: BatteryWatch | None = None):
         self.env = env
+        self.watch = watch
         self.idle_w, self.compute_w = float(idle_w), float(compute_w)
         self.tx_w, self.rx_w, self.tail_w, self.tail_s = float(tx_w), float(rx_w), float(tail_w), float(tail_s)
         self.slots = int(slots)
@@ -77,6 +144,9 @@ class EnergyMeter:
         self._c_since = self._tx_since = self._rx_since = self._quiet_since = now
         self._gen = 0
         self._check_at = math.inf  # when the pending battery check fires (inf: none pending)
+        #: the most the device can draw: every term at once (the tail only while the radio is quiet)
+        self.max_w = self.idle_w + self.compute_w + max(self.tx_w + self.rx_w, self.tail_w)
+        self._near = False   # a battery near empty: rises in power reschedule the check
         if battery_j is not None:
             self._schedule_empty()
 
@@ -151,7 +221,12 @@ class EnergyMeter:
             self._j_compute += self.compute_w * (b / self.slots) * (now - self._c_since)
         self._c_since = now
         self.busy = b + 1
-        if self.battery_j is not None:
+        if b >= self.slots:   # more computes than slots (a meter driven by hand): max_w grows
+            self.max_w = max(self.max_w, self.idle_w + self.compute_w * (b + 1) / self.slots
+                             + max(self.tx_w + self.rx_w, self.tail_w))
+            if self.battery_j is not None:
+                self._schedule_empty()
+        elif self._near:
             self._schedule_empty()
 
     def compute_end(self) -> None:
@@ -172,7 +247,7 @@ class EnergyMeter:
             self._j_tail += self._tail_upto(now)
         self.tx = 1
         self._tx_since = now
-        if self.battery_j is not None:
+        if self._near:
             self._schedule_empty()
 
     def rx_begin(self) -> None:
@@ -184,7 +259,7 @@ class EnergyMeter:
             self._j_tail += self._tail_upto(now)
         self.rx = 1
         self._rx_since = now
-        if self.battery_j is not None:
+        if self._near:
             self._schedule_empty()
 
     def tx_end(self) -> None:
@@ -219,7 +294,7 @@ class EnergyMeter:
         self._quiet_since = now
         if self.tail_s > 0:
             self.tail_until = now + self.tail_s
-            if self.tail_w > left_w and self.battery_j is not None:
+            if self.tail_w > left_w and self._near:
                 self._schedule_empty()
 
     def begin(self, state: str) -> None:
@@ -256,11 +331,14 @@ class EnergyMeter:
     def _schedule_empty(self) -> None:
         """Make sure a battery check is pending at or before the instant the charge runs out.
 
-        One check is kept pending. A state change schedules a new one only if the charge would
+        One check is kept pending. With more than :data:`NEAR_EMPTY` of the charge left it is
+        the earliest instant the charge could run out, at :attr:`max_w`: no state change can
+        bring the empty instant before it, so none reschedules (``_near`` is False). Closer to
+        empty it is the instant the charge runs out at the current power, and a state change
+        that raises the power calls this again: it schedules a new check only if the charge would
         now run out *earlier* than the pending check; otherwise the pending check fires first,
         finds charge left and reschedules from the state at that time. So the empty instant is
-        exact, and stale timeouts do not pile up in the event queue (one per state change would
-        grow memory and slow the whole simulation for long runs of large fleets).
+        exact, and stale checks do not pile up.
         """
         if not self.on:
             self._gen += 1  # void the pending check
@@ -269,8 +347,13 @@ class EnergyMeter:
         now = self.env._now
         used, p = self._used_and_power()
         left = self.battery_j - used
+        self._near = near = left <= NEAR_EMPTY * self.battery_j
         if left <= 0:
             delay = 0.0
+        elif not near:
+            if self.max_w <= 0:
+                return
+            delay = left / self.max_w
         elif p <= 0:
             return
         else:
@@ -283,9 +366,9 @@ class EnergyMeter:
             return  # the pending check comes first and will reschedule
         self._gen += 1
         self._check_at = at
-        gen = self._gen
-        ev = self.env.timeout(delay)
-        ev.callbacks.append(lambda _ev, gen=gen: self._check_empty(gen))
+        if self.watch is None:
+            self.watch = BatteryWatch(self.env)
+        self.watch.schedule(self, at, self._gen)
 
     def _check_empty(self, gen: int) -> None:
         if gen != self._gen or not self.on:

@@ -18,7 +18,7 @@ from simkit.records import Recorder
 from simkit.rng import SeedTree
 from simkit.world.availability import Availability
 from simkit.world.devices import Device
-from simkit.world.energy import EnergyMeter
+from simkit.world.energy import BatteryWatch, EnergyMeter
 from simkit.world.network import Network
 from simkit.world.topology import DeviceSlot, Placement, build_topology
 
@@ -121,13 +121,14 @@ def _build_world(scenario: Scenario, *, env: simpy.Environment, recorder: Record
 
     devices: dict[str, Device] = {}
     meters: dict = {}
+    watch = BatteryWatch(env)   # one timeout for every battery's check
 
     def make(name: str, profile: DeviceProfile, node, tech: str, speed_factor: float, slots_n: int,
              battery: float | None) -> Device:
         radio = access[tech]
         meter = EnergyMeter(env, idle_w=profile.power.idle_w, compute_w=profile.power.compute_w,
                             tx_w=radio.tx_w, rx_w=radio.rx_w, tail_w=radio.tail_w, tail_s=radio.tail_s,
-                            slots=slots_n, battery_j=battery)
+                            slots=slots_n, battery_j=battery, watch=watch)
         dev = Device(env, name, profile, node=node, meter=meter, recorder=recorder,
                      speed_factor=speed_factor, slots=slots_n, tech=tech)
         if battery is not None:
