@@ -7,6 +7,7 @@ seconds (``env.now``), never the host clock.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import NamedTuple
 
 
@@ -104,26 +105,27 @@ class Recorder:
         self.timeline = timeline
         self.lists: dict[str, list] = {k: [] for k in RECORD_TYPES}
         self.round = -1
-        # running totals, kept even without the timeline
-        self.flops_by_device: dict[str, float] = {}
-        self.flops_by_tag: dict[str, float] = {}
-        self.bytes_by_tag: dict[str, float] = {}
-        self.bytes_sent: dict[str, float] = {}
-        self.bytes_received: dict[str, float] = {}
+        # running totals, kept even without the timeline (defaultdicts: one `+=` per record on the
+        # hot path; read them with .get, which never inserts)
+        self.flops_by_device: dict[str, float] = defaultdict(float)
+        self.flops_by_tag: dict[str, float] = defaultdict(float)
+        self.bytes_by_tag: dict[str, float] = defaultdict(float)
+        self.bytes_sent: dict[str, float] = defaultdict(float)
+        self.bytes_received: dict[str, float] = defaultdict(float)
 
     def compute(self, device: str, start: float, end: float, flops: float, tag: str, status: str = "done") -> None:
         if status == "done":
-            self.flops_by_device[device] = self.flops_by_device.get(device, 0.0) + flops
-            self.flops_by_tag[tag] = self.flops_by_tag.get(tag, 0.0) + flops
+            self.flops_by_device[device] += flops
+            self.flops_by_tag[tag] += flops
         if self.timeline:
             self.lists["compute"].append(ComputeRecord(device, start, end, flops, tag, self.round, status))
 
     def transfer(self, flow: int, src: str, dst: str, nbytes: float, start: float, data_start: float,
                  end: float, tag: str, status: str = "delivered") -> None:
         if status == "delivered":
-            self.bytes_by_tag[tag] = self.bytes_by_tag.get(tag, 0.0) + nbytes
-            self.bytes_sent[src] = self.bytes_sent.get(src, 0.0) + nbytes
-            self.bytes_received[dst] = self.bytes_received.get(dst, 0.0) + nbytes
+            self.bytes_by_tag[tag] += nbytes
+            self.bytes_sent[src] += nbytes
+            self.bytes_received[dst] += nbytes
         if self.timeline:
             self.lists["transfer"].append(
                 TransferRecord(flow, src, dst, nbytes, start, data_start, end, tag, self.round, status))

@@ -73,8 +73,8 @@ class FedAvg(Algorithm):
         #: batched (bool) and the reason
         self.batching: list[dict] = []
         self._unsupported: dict[str, str | None] = {}
-        #: (model key, batch size) -> (fwd, bwd) FLOPs of one local step of the whole model
-        self._step_costs: dict[tuple[str, int], tuple[float, float]] = {}
+        #: model key -> batch size -> (fwd, bwd) FLOPs of one local step of the whole model
+        self._step_costs: dict[str, dict[int, tuple[float, float]]] = {}
 
     def worker(self, c: ClientRuntime) -> nn.Sequential:
         m = self.workers.get(c.name)
@@ -120,16 +120,18 @@ class FedAvg(Algorithm):
                 opt = ctx.optimizer(model.parameters())
                 anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
             real = ctx.train and pre is None   # batched: the real work was done at the start of the round
-            costs = self._step_costs
+            costs = self._step_costs.get(c.key)   # batch size -> (fwd, bwd) FLOPs of a local step
+            if costs is None:
+                costs = self._step_costs[c.key] = {}
             for e in range(spec.local_epochs):
                 order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
                 for idx in order:
-                    b = batch_len(idx)
-                    cost = costs.get((c.key, b))
+                    b = idx if idx.__class__ is int else batch_len(idx)
+                    cost = costs.get(b)
                     if cost is None:
                         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
                         sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-                        cost = costs[c.key, b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
+                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
                     step = None
                     if real:
                         def step(idx=idx):
