@@ -203,38 +203,45 @@ def test_radio_energy_is_power_times_the_union_of_overlapping_transfers(interval
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["compute", "tx", "rx"]), st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 5),
                           st.sampled_from([0.0, 1.0, 2.5]) | st.floats(0, 5)), min_size=1, max_size=12),
-       st.sampled_from([0.3, 2.0, 5.0, 12.0]) | st.floats(0.01, 40), st.sampled_from([0.0, 2.0]) | st.floats(0, 6))
-def test_battery_empties_exactly_when_the_joules_drawn_reach_its_capacity(intervals, capacity, tail_s):
-    # Far from empty the meter checks at the earliest instant the charge could run out (every term
-    # on at once), near it at the exact instant under the current power: either way on_empty runs
-    # once, at the instant a twin meter without a battery has drawn exactly the capacity.
+       st.lists(st.sampled_from([0.3, 2.0, 5.0, 12.0]) | st.floats(0.01, 40), min_size=1, max_size=3),
+       st.sampled_from([0.0, 2.0]) | st.floats(0, 6))
+def test_battery_empties_exactly_when_the_joules_drawn_reach_its_capacity(intervals, capacities, tail_s):
+    # Far from empty a meter checks at the earliest instant the charge could run out (every term
+    # on at once), near it at the exact instant under the current power; the meters' checks share
+    # one BatteryWatch (as a fleet's do). Either way each on_empty runs once, at the instant a twin
+    # meter without a battery, on the same timeline, has drawn exactly that capacity.
     import simpy
+
+    from simkit.world.energy import BatteryWatch
 
     env = simpy.Environment()
     kw = dict(idle_w=0.25, compute_w=2.0, tx_w=1.5, rx_w=0.5, tail_w=0.75, tail_s=tail_s)
     twin = EnergyMeter(env, **kw)
-    m = EnergyMeter(env, battery_j=capacity, **kw)
-    hits = []
+    watch = BatteryWatch(env)
+    meters = [EnergyMeter(env, battery_j=c, watch=watch, **kw) for c in capacities]
+    hits = {i: [] for i in range(len(meters))}
 
-    def empty():
-        hits.append((env.now, twin.total_j))
-        m.power_off()
+    def empty(i):
+        hits[i].append(twin.total_j)
+        meters[i].power_off()
 
-    m.on_empty = empty
+    for i, m in enumerate(meters):
+        m.on_empty = lambda i=i: empty(i)
 
     def span(state, start, dur):
         yield env.timeout(start)
-        m.begin(state)
-        twin.begin(state)
+        for m in (*meters, twin):
+            m.begin(state)
         yield env.timeout(dur)
-        m.end(state)
-        twin.end(state)
+        for m in (*meters, twin):
+            m.end(state)
 
     for state, start, dur in intervals:
         env.process(span(state, start, dur))
-    env.run()   # idle draws on after the spans: the battery always runs out
-    assert len(hits) == 1
-    assert hits[0][1] == pytest.approx(capacity, rel=1e-9, abs=1e-12)
+    env.run()   # idle draws on after the spans: every battery runs out
+    for i, c in enumerate(capacities):
+        assert len(hits[i]) == 1
+        assert hits[i][0] == pytest.approx(c, rel=1e-9, abs=1e-12)
 
 
 def write(tmp_path, text, name="trace.csv"):
