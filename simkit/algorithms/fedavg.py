@@ -126,7 +126,7 @@ class FedAvg(Algorithm):
             for e in range(spec.local_epochs):
                 order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
                 for idx in order:
-                    b = idx if idx.__class__ is int else batch_len(idx)
+                    b = batch_len(idx)
                     cost = costs.get(b)
                     if cost is None:
                         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
@@ -142,10 +142,7 @@ class FedAvg(Algorithm):
                             loss.backward()
                             opt.step()
 
-                    # (ctx.client_compute without its generator layer: this is the what-if hot path)
-                    yield from dev.computing(cost[0] + cost[1], "train", step)
-                    ctx.flops_client_fwd += cost[0]
-                    ctx.flops_client_bwd += cost[1]
+                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step)
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
             else:

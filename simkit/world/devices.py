@@ -136,7 +136,7 @@ class Device:
         env = self.env
         if not self.on:
             raise DeviceOff(self.name, "off")
-        proc = env._active_proc   # (env.active_process without the property call: hot path)
+        proc = env.active_process
         self._running.add(proc)
         started = None
         held = False

@@ -114,7 +114,7 @@ class EnergyMeter:
     __slots__ = (
         "env", "idle_w", "compute_w", "tx_w", "rx_w", "tail_w", "tail_s", "slots",
         "battery_j", "on_empty", "on", "busy", "tx", "rx", "tail_until", "started", "_gen", "_check_at", "watch",
-        "max_w", "_near",
+        "_near",
         # committed joules per term, and since when each term has been constant and not committed
         "_on_acc", "_on_since", "_j_compute", "_c_since", "_j_tx", "_tx_since", "_j_rx", "_rx_since",
         "_j_tail", "_quiet_since",
@@ -144,8 +144,6 @@ class EnergyMeter:
         self._c_since = self._tx_since = self._rx_since = self._quiet_since = now
         self._gen = 0
         self._check_at = math.inf  # when the pending battery check fires (inf: none pending)
-        #: the most the device can draw: every term at once (the tail only while the radio is quiet)
-        self.max_w = self.idle_w + self.compute_w + max(self.tx_w + self.rx_w, self.tail_w)
         self._near = False   # a battery near empty: rises in power reschedule the check
         if battery_j is not None:
             self._schedule_empty()
@@ -194,6 +192,14 @@ class EnergyMeter:
         return used + self.idle_w * (self._on_acc + (now - self._on_since)), p
 
     @property
+    def max_w(self) -> float:
+        """The most the device can draw with its slots as busy as now or more: every term at once
+        (the tail only while the radio is quiet). Exactly ``idle_w + compute_w + max(tx_w + rx_w,
+        tail_w)`` unless a meter driven by hand has more computes than slots."""
+        return (self.idle_w + self.compute_w * (max(self.busy, self.slots) / self.slots)
+                + max(self.tx_w + self.rx_w, self.tail_w))
+
+    @property
     def on_time(self) -> float:
         """Seconds the device has been on."""
         return self._on_acc + (self.env._now - self._on_since if self.on else 0.0)
@@ -221,12 +227,9 @@ class EnergyMeter:
             self._j_compute += self.compute_w * (b / self.slots) * (now - self._c_since)
         self._c_since = now
         self.busy = b + 1
-        if b >= self.slots:   # more computes than slots (a meter driven by hand): max_w grows
-            self.max_w = max(self.max_w, self.idle_w + self.compute_w * (b + 1) / self.slots
-                             + max(self.tx_w + self.rx_w, self.tail_w))
-            if self.battery_j is not None:
-                self._schedule_empty()
-        elif self._near:
+        # near empty every rise reschedules; far from it only one that raises max_w (more
+        # computes than slots, on a meter driven by hand)
+        if self._near or (b >= self.slots and self.battery_j is not None):
             self._schedule_empty()
 
     def compute_end(self) -> None:
@@ -351,9 +354,10 @@ class EnergyMeter:
         if left <= 0:
             delay = 0.0
         elif not near:
-            if self.max_w <= 0:
+            max_w = self.max_w
+            if max_w <= 0:
                 return
-            delay = left / self.max_w
+            delay = left / max_w
         elif p <= 0:
             return
         else:

@@ -1240,11 +1240,7 @@ class Network:
             f._t = now
             self._off_links(f)   # (_leave_links: a delivered flow is settled already)
             f._fin = _INF
-            if f._mtx is not None:   # (_radios_off, inlined: every transfer ends here)
-                f._mtx.tx_end()
-            if f._mrx is not None:
-                f._mrx.rx_end()
-            self._n_active -= 1
+            self._radios_off(f)
         elif st == "stalled":
             del self._stalled[f]
         if status == "delivered":
