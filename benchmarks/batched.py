@@ -19,6 +19,10 @@ cores, from /proc/stat); a repetition with foreign load above ``--max-foreign`` 
 most twice). ``seq`` also runs on clients of *uneven* sizes (last batches partial, some clients
 one step more) next to ``batched``.
 
+**Whole runs** (:func:`whole_runs`): ``simkit.run`` of FedAvg and of SplitFed V1 on 50 digits
+clients, ``batched: off`` against ``auto``, paired, alternating order -- the speed-up a user sees,
+simulation, evaluation and set-up included, and a check that both give the same accuracy.
+
 Run:  python -m benchmarks.batched [--quick] [--json FILE] [--threads 1] [--reps 5]
 
 ``--json`` writes ``{"batched_speedup_n50": <median speed-up of batched vs seq at N=50>}``. With a
@@ -222,6 +226,38 @@ def auto_check(args, reps: int, min_s: float) -> None:
               f"measured batched/seq {fmt(speed['batched'], '.2f')}")
 
 
+def whole_runs(reps: int, clients: int = 50, rounds: int = 3) -> dict:
+    """Host seconds of whole ``simkit.run`` calls, ``batched: off`` vs ``auto`` (paired, alternating
+    order); returns per algorithm the median speed-up. Also checks the two runs agree."""
+    from simkit.run import run
+
+    def scenario(algo: str, batched: str) -> dict:
+        return {"name": f"bench-{algo}-{batched}", "seed": 1,
+                "fleet": {"counts": {"rpi4": clients // 2, "phone-midrange": clients - clients // 2}},
+                "topology": {"kind": "two_tier", "gateways": 2},
+                "workload": {"dataset": "digits", "batch_size": 8},
+                "algorithm": {"name": algo, "rounds": rounds, "batched": batched, "lr": 0.1, "momentum": 0.9,
+                              "eval_every": rounds}}
+
+    print(f"\nwhole runs: simkit.run, {clients} digits clients, {rounds} rounds, batch 8 (host s, paired)")
+    out = {}
+    for algo in ("fedavg", "splitfed"):
+        acc = {}
+        for b in ("off", "auto"):   # warm-up
+            acc[b] = run(scenario(algo, b)).summary["accuracy_mean"]
+        times: dict[str, list[float]] = {"off": [], "auto": []}
+        for r in range(reps):
+            for b in (("off", "auto") if r % 2 == 0 else ("auto", "off")):
+                t = time.perf_counter()
+                run(scenario(algo, b))
+                times[b].append(time.perf_counter() - t)
+        speed = [o / a for o, a in zip(times["off"], times["auto"])]
+        out[algo] = statistics.median(speed)
+        print(f"  {algo:9} off {fmt(times['off'], '.2f')} s, auto {fmt(times['auto'], '.2f')} s, speed-up "
+              f"{fmt(speed, '.2f')}; accuracy off {acc['off']:.4f}, auto {acc['auto']:.4f}")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = parser(__doc__, quick="N = 10, 50; 3 repetitions; shorter runs")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as the tests)")
@@ -262,6 +298,7 @@ def main(argv=None) -> dict:
     for n, kind, speed in summary:
         print(f"  N={n:<4} {kind:7} " + "  ".join(f"{k} {fmt(v, '.2f')}" for k, v in speed.items() if k != "seq"))
     auto_check(args, reps, min_s)
+    out["whole_runs"] = whole_runs(reps, rounds=1 if args.quick else 3)
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         gmodel = nn.Sequential(*[m for m in model]).to(dev)

@@ -1,5 +1,5 @@
-"""Batched (vectorised) local training: equal to the sequential loop, and FedAvg with
-``batched: on|auto`` keeps every record of the sequential run."""
+"""Batched (vectorised) local training: equal to the sequential loop, and FedAvg and SplitFed V1
+with ``batched: on|auto`` keep every record of the sequential run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from torch import nn
 
 from simkit.algorithms import REGISTRY
 from simkit.algorithms.fedavg import FedAvg
+from simkit.algorithms.splitfed import SplitFed
+from simkit.errors import ConfigError
 from simkit.learning.batched import (
     AUTO_MAX_STEP_FLOPS,
     BatchedFallbackWarning,
@@ -196,19 +198,20 @@ COSTS = ["bytes_up", "bytes_down", "bytes_total", "client_flops_fwd", "client_fl
          "sim_time_s", "energy_j_clients", "energy_j_server", "energy_j_total", "clients_finished", "clients_lost"]
 
 
-def spy(monkeypatch, change=None) -> list:
-    """Capture the FedAvg objects that run() builds (optionally changing the context first)."""
+def spy(monkeypatch, change=None, cls=FedAvg, names=("fedavg", "fedprox")) -> list:
+    """Capture the algorithm objects (FedAvg by default) that run() builds (optionally changing the
+    context first)."""
     made = []
 
-    class Spy(FedAvg):
+    class Spy(cls):
         def __init__(self, ctx):
             if change is not None:
                 change(ctx)
             super().__init__(ctx)
             made.append(self)
 
-    monkeypatch.setitem(REGISTRY, "fedavg", Spy)
-    monkeypatch.setitem(REGISTRY, "fedprox", Spy)
+    for name in names:
+        monkeypatch.setitem(REGISTRY, name, Spy)
     return made
 
 
@@ -317,3 +320,67 @@ def test_fast_mode_ignores_batching():
     b = run(sc)
     assert_same_records(a, b, same_accuracy=True)
     assert not math.isnan(a.summary["sim_time_s"])
+
+
+# ------------------------------------------------------------------------------ SplitFed V1
+SPLITFED = [
+    pytest.param({"name": "splitfed", "lr": 0.1, "momentum": 0.9, "local_epochs": 2}, id="sgd-momentum"),
+    pytest.param({"name": "splitfed", "optimizer": "adam", "lr": 3e-3}, id="adam"),
+]
+
+
+@pytest.mark.parametrize("algo", SPLITFED)
+def test_splitfed_v1_float64_batched_run_equals_the_sequential_run(algo, monkeypatch):
+    """A V1 round trained ahead as whole models gives the split steps' weights (two optimisers,
+    the server copy updated before the client backward) and every record of the sequential run,
+    crashes and dropouts included."""
+    made = spy(monkeypatch, cls=SplitFed, names=("splitfed",))
+    extra = {"faults": FAULTS, "dropout_p": 0.2}
+    off = run(scenario(algo, "off", "float64", **extra))
+    on = run(scenario(algo, "on", "float64", **extra))
+    assert_same_records(off, on, same_accuracy=True)
+    assert off.summary["accuracy_mean"] == on.summary["accuracy_mean"]
+    for part in off.models:
+        for k in off.models[part]:
+            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    # the runs trained (not a no-op on both sides) and the faults hit them
+    assert off.summary["accuracy_mean"] > 0.5
+    assert off.summary["clients_lost"] > 0 and (off.records["dropout"].reason == "mid_round").any()
+    assert made[0].batching == [] and len(made[1].batching) == 3 and all(e["batched"] for e in made[1].batching)
+    # the activations and gradients were still sent, sized as the real tensors were
+    tags = set(on.records["transfer"].tag)
+    assert {"act_up", "grad_down", "model_down", "model_up"} <= tags
+
+
+def test_splitfed_v1_float32_auto_batches_and_learns_the_same(monkeypatch):
+    made = spy(monkeypatch, cls=SplitFed, names=("splitfed",))
+    algo = {"name": "splitfed", "lr": 0.1, "momentum": 0.9}
+    off = run(scenario(algo, "off"))
+    auto = run(scenario(algo, "auto"))
+    assert_same_records(off, auto, same_accuracy=False)
+    assert auto.summary["accuracy_mean"] == pytest.approx(off.summary["accuracy_mean"], abs=0.02)
+    for part in off.models:
+        for k in off.models[part]:
+            torch.testing.assert_close(auto.models[part][k], off.models[part][k], rtol=1e-3, atol=1e-4)
+    assert all(e["batched"] and e["reason"].startswith("auto") for e in made[1].batching)
+
+
+@pytest.mark.parametrize("algo,what", [({"name": "sl"}, "split learning"),
+                                       ({"name": "splitfed", "variant": "v2"}, "SplitFed v2"),
+                                       ({"name": "adasplit"}, "AdaSplit")])
+def test_batched_on_is_refused_where_clients_share_state(algo, what):
+    with pytest.raises(ConfigError, match=f"batched: 'on' is not possible here: {what}") as err:
+        run(scenario(algo, "on"))
+    assert err.value.field == "algorithm"
+
+
+def test_auto_trains_splitfed_v2_sequentially(monkeypatch):
+    made = spy(monkeypatch, cls=SplitFed, names=("splitfed",))
+    algo = {"name": "splitfed", "variant": "v2", "rounds": 2}
+    off = run(scenario(algo, "off", "float64"))
+    auto = run(scenario(algo, "auto", "float64"))
+    assert_same_records(off, auto, same_accuracy=True)
+    for part in off.models:
+        for k in off.models[part]:
+            assert torch.equal(off.models[part][k], auto.models[part][k])
+    assert made[1].batching == []

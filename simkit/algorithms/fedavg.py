@@ -10,52 +10,33 @@ the server averages whatever came back (the global model is unchanged if nothing
 dropout is recorded. In the "mixed" workload each dataset group has its own client backbone:
 backbones are averaged within their group, the server part over everyone.
 
-Batched local training (``algorithm.batched: on | auto``; :mod:`simkit.learning.batched`): the
-local training of a client touches no shared state (every chosen client starts from the same
-global weights, with a fresh optimiser, on its own data), so the real training of all the round's
-clients is computed at once, vectorised, at the start of the round, before the models are sent.
-Each client process then runs exactly the same costed steps (compute, transfers, dropouts: the
-same records and timeline as ``off``) without real work, and uploads its precomputed weights; a
-client that drops out discards its precomputed update just as the sequential path discards its
-partial one. The weights equal the sequential path's up to rounding (float64: ~1e-15).
-``auto`` batches a model group when it is supported, has at least 2 clients in the round and is
-within the measured range (:func:`~simkit.learning.batched.prefer_batched`, a fixed rule on the
-model's FLOPs per step, never a timing, so runs stay deterministic). Whether and why each round/model group was batched is kept in
-``FedAvg.batching``; ``on`` with an unsupported model warns (``BatchedFallbackWarning``) and
-trains sequentially.
+Batched local training (``algorithm.batched: on | auto``): every chosen client starts from the
+same global weights and touches no shared state, so the round's real training can be computed at
+once, ahead, while each client process runs the same costed steps; see
+:mod:`simkit.algorithms.batching` (``FedAvg.batching`` logs what was batched and why).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states, batch_len
-from simkit.learning.batched import (BatchedFallbackWarning, ClientJob, OptimSpec, Unsupported, compile_program,
-                                     prefer_batched, train_local_batched)
+from simkit.algorithms.base import (
+    Algorithm,
+    ClientRuntime,
+    Unavailable,
+    average_states,
+    batch_len,
+)
+from simkit.algorithms.batching import Precomputed, RoundBatcher
 from simkit.learning.losses import proximal_term
-
-log = logging.getLogger(__name__)
 
 
 def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-@dataclass
-class _Precomputed:
-    """A client's round, trained ahead (batched): its batch orders and its resulting weights."""
-
-    orders: list  # per local epoch, the batches (for the costed steps)
-    client_state: dict
-    server_state: dict
 
 
 class FedAvg(Algorithm):
@@ -69,10 +50,10 @@ class FedAvg(Algorithm):
         self.workers: dict[str, nn.Sequential] = {}
         self.whole_bytes = {k: ctx.model_bytes(m) + ctx.model_bytes(ctx.server_template)
                             for k, m in ctx.client_templates.items()}
+        self.batcher = RoundBatcher(ctx, self.spec.batched)
         #: one entry per round and model group when batching is on/auto: round, key, clients,
         #: batched (bool) and the reason
-        self.batching: list[dict] = []
-        self._unsupported: dict[str, str | None] = {}
+        self.batching = self.batcher.batching
         #: model key -> batch size -> (fwd, bwd) FLOPs of one local step of the whole model
         self._step_costs: dict[str, dict[int, tuple[float, float]]] = {}
 
@@ -98,7 +79,8 @@ class FedAvg(Algorithm):
             ctx.recorder.round = rnd
             start = env.now
             chosen = self.select(rnd)
-            pre = self.precompute(chosen, rnd) if (self.spec.batched != "off" and ctx.train) else {}
+            pre = self.batcher.precompute(chosen, rnd, self.spec.local_epochs, self.global_client, self.global_server,
+                                          mu=self.spec.mu)
             procs = [env.process(self.client_round(c, rnd, pre.get(c.name))) for c in chosen]
             done = yield env.all_of(procs)
             updates = [v for v in done.values() if v is not None]
@@ -107,7 +89,7 @@ class FedAvg(Algorithm):
             ctx.recorder.round_done(start, env.now, len(updates))
             self.maybe_evaluate(rnd)
 
-    def client_round(self, c: ClientRuntime, rnd: int, pre: _Precomputed | None = None):
+    def client_round(self, c: ClientRuntime, rnd: int, pre: Precomputed | None = None):
         ctx, env, spec = self.ctx, self.ctx.env, self.spec
         server, dev = ctx.world.server, c.device
         try:
@@ -154,64 +136,6 @@ class FedAvg(Algorithm):
         except Unavailable as exc:
             ctx.dropped(c, exc)
             return None
-
-    # -- batched local training ---------------------------------------------------------------
-    def _unsupported_reason(self, key: str) -> str | None:
-        """Why the whole model of group ``key`` (or the optimiser) cannot be trained batched."""
-        if key not in self._unsupported:
-            ctx = self.ctx
-            try:
-                self._opt_spec = OptimSpec.from_optimizer(ctx.optimizer([torch.zeros(1, requires_grad=True)]))
-                compile_program(nn.Sequential(ctx.client_templates[key], ctx.server_template), ctx.input_shapes[key],
-                                device=ctx.tdev, dtype=ctx.dtype)
-                reason = None
-            except Unsupported as exc:
-                reason = str(exc)
-            self._unsupported[key] = reason
-            if reason is not None:
-                msg = f"batched local training is off for model {key!r}, trained sequentially: {reason}"
-                if self.spec.batched == "on":
-                    warnings.warn(msg, BatchedFallbackWarning, stacklevel=2)
-                else:
-                    log.info(msg)
-        return self._unsupported[key]
-
-    def _decide(self, key: str, n: int) -> tuple[bool, str]:
-        reason = self._unsupported_reason(key)
-        if reason is not None:
-            return False, f"unsupported: {reason}"
-        if self.spec.batched == "on":
-            return True, "on"
-        ctx, b = self.ctx, self.ctx.batch_size
-        cf = ctx.flops(ctx.client_templates[key], "client", key, b, input_grad=False)
-        sf = ctx.flops(ctx.server_template, "server", key, b, input_grad=True)
-        step = cf.fwd + cf.bwd + sf.fwd + sf.bwd
-        use = prefer_batched(step, n, ctx.tdev)
-        return use, f"auto: {n} clients, {step / 1e6:.1f} MFLOP per client step on {ctx.tdev.type}"
-
-    def precompute(self, chosen: list[ClientRuntime], rnd: int) -> dict[str, _Precomputed]:
-        """Train the round's chosen clients ahead, batched per model group (see the module docs)."""
-        ctx, spec = self.ctx, self.spec
-        groups: dict[str, list[ClientRuntime]] = {}
-        for c in chosen:
-            groups.setdefault(c.key, []).append(c)
-        out: dict[str, _Precomputed] = {}
-        for key, group in groups.items():
-            use, why = self._decide(key, len(group))
-            self.batching.append({"round": rnd, "key": key, "clients": len(group), "batched": use, "reason": why})
-            if not use:
-                continue
-            orders = [[ctx.epoch_order(c, rnd * spec.local_epochs + e) for e in range(spec.local_epochs)]
-                      for c in group]
-            jobs = [ClientJob(c.x_train, c.y_train, [idx for o in order for idx in o]) for c, order in zip(group, orders)]
-            start = {**{f"0.{k}": v for k, v in self.global_client[key].items()},
-                     **{f"1.{k}": v for k, v in self.global_server.items()}}
-            states = train_local_batched(nn.Sequential(ctx.client_templates[key], ctx.server_template), start, jobs,
-                                         optimizer=self._opt_spec, mu=spec.mu, dtype=ctx.dtype, device=ctx.tdev)
-            for c, order, st in zip(group, orders, states):
-                out[c.name] = _Precomputed(order, {k[2:]: v for k, v in st.items() if k.startswith("0.")},
-                                           {k[2:]: v for k, v in st.items() if k.startswith("1.")})
-        return out
 
     def aggregate(self, updates):
         ctx = self.ctx

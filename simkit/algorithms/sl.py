@@ -27,12 +27,18 @@ from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_
 
 
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
-               *, tag: str = ""):
-    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``)."""
+               *, real: bool | None = None):
+    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``).
+
+    ``real`` (default: whether the run trains): run the torch work. Without it the step costs the
+    same (compute, transfers of the sizes the tensors would have: :meth:`Context.act_bytes`) and
+    changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead)."""
+    if real is None:
+        real = ctx.train
     b = batch_len(idx)
     cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
     sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-    x, y = (c.x_train[idx], c.y_train[idx]) if ctx.train else (None, None)
+    x, y = (c.x_train[idx], c.y_train[idx]) if real else (None, None)
     server = ctx.world.server
     box = {}
 
@@ -41,7 +47,7 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         box["a"] = cmodel(x)
         return box["a"].detach()
 
-    act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward)
+    act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward if real else None)
     yield ctx.send(c.device, server, ctx.act_bytes(b, act=act, labels=y), "act_up")
 
     def server_step():
@@ -52,14 +58,14 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         sopt.step()
         return a.grad
 
-    grad = yield from ctx.server_compute(sf.fwd + sf.bwd, "server_step", server_step)
+    grad = yield from ctx.server_compute(sf.fwd + sf.bwd, "server_step", server_step if real else None)
     yield ctx.send(server, c.device, ctx.act_bytes(b, act=grad, with_labels=False), "grad_down")
 
     def backward():
         box["a"].backward(grad)
         copt.step()
 
-    yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward)
+    yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward if real else None)
 
 
 class SplitLearning(Algorithm):

@@ -12,6 +12,15 @@ in the order they arrive at the server (simulated time); only client parts are a
 
 Drop-out policy: a client that goes off mid-round is left out of both averages (its server copy
 is discarded); the dropout is recorded.
+
+Batched rounds (``algorithm.batched: on | auto``, V1 only): a V1 client's round touches no shared
+state -- its client part against its own copy of the server part, from the global weights, with
+fresh optimisers -- which is FedAvg's local training of the whole model split in two. So the
+round's real training is computed at once, ahead (:mod:`simkit.algorithms.batching`), and each
+client process runs the same costed split steps (computes, activation and gradient transfers)
+without the torch work. ``SplitFed.batching`` logs what was batched and why. V2's clients share
+one server part in arrival order, so ``on`` is refused for V2 when the scenario is validated
+(``auto`` trains it sequentially).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import copy
 
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
+from simkit.algorithms.batching import Precomputed, RoundBatcher
 from simkit.algorithms.sl import split_step
 
 
@@ -39,6 +49,10 @@ class SplitFed(Algorithm):
         if self.v2:
             self.shared_server = copy.deepcopy(ctx.server_template)
             self.shared_opt = ctx.optimizer(self.shared_server.parameters())
+        # V2 rounds share the server part: never trained ahead
+        self.batcher = RoundBatcher(ctx, "off" if self.v2 else self.spec.batched)
+        #: one entry per round and model group when batching is on/auto (see RoundBatcher.batching)
+        self.batching = self.batcher.batching
 
     def worker(self, c: ClientRuntime):
         w = self.workers.get(c.name)
@@ -53,20 +67,22 @@ class SplitFed(Algorithm):
             ctx.recorder.round = rnd
             start = env.now
             chosen = [c for c in ctx.clients if ctx.available(c, rnd)]
-            done = yield env.all_of([env.process(self.client_round(c, rnd)) for c in chosen])
+            pre = self.batcher.precompute(chosen, rnd, self.spec.local_epochs, self.global_client, self.global_server)
+            done = yield env.all_of([env.process(self.client_round(c, rnd, pre.get(c.name))) for c in chosen])
             updates = [v for v in done.values() if v is not None]
             if updates:
                 yield from self.aggregate(updates)
             ctx.recorder.round_done(start, env.now, len(updates))
             self.maybe_evaluate(rnd)
 
-    def client_round(self, c: ClientRuntime, rnd: int):
+    def client_round(self, c: ClientRuntime, rnd: int, pre: Precomputed | None = None):
         ctx, spec = self.ctx, self.spec
         server = ctx.world.server
         try:
             yield ctx.send(server, c.device, self.client_bytes[c.key], "model_down")
             cmodel = smodel = copt = sopt = None
-            if not ctx.train:
+            real = ctx.train and pre is None   # batched: trained ahead at the start of the round
+            if not real:
                 pass
             elif self.v2:
                 cmodel, _ = self.worker(c)
@@ -80,10 +96,15 @@ class SplitFed(Algorithm):
                 smodel.load_state_dict(self.global_server)
                 sopt = ctx.optimizer(smodel.parameters())
             for e in range(spec.local_epochs):
-                for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
-                    yield from split_step(ctx, c, cmodel, copt, smodel, sopt, idx)
-            result = (_clone(cmodel), None if self.v2 else _clone(smodel), c.n_train, c.key) if ctx.train \
-                else (None, None, c.n_train, c.key)
+                order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
+                for idx in order:
+                    yield from split_step(ctx, c, cmodel, copt, smodel, sopt, idx, real=real)
+            if pre is not None:
+                result = (pre.client_state, pre.server_state, c.n_train, c.key)
+            elif ctx.train:
+                result = (_clone(cmodel), None if self.v2 else _clone(smodel), c.n_train, c.key)
+            else:
+                result = (None, None, c.n_train, c.key)
             yield ctx.send(c.device, server, self.client_bytes[c.key], "model_up")
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
             return result
