@@ -319,21 +319,10 @@ class FedAvgSpec(_AlgorithmBase):
     mu: NonNegFloat = 0.0
 
 
-def _refuse_batched_on(spec: _AlgorithmBase, why: str) -> None:
-    if spec.batched == "on":
-        raise ValueError(f"batched: 'on' is not possible here: {why}. Use 'off' (or 'auto', which trains these "
-                         f"clients one after another)")
-
-
 class SLSpec(_AlgorithmBase):
     """Vanilla split learning (Gupta & Raskar 2018): clients take turns, weights relayed."""
 
     name: Literal["sl"]
-
-    @model_validator(mode="after")
-    def _batched(self):
-        _refuse_batched_on(self, "split learning's clients take turns on one relayed client part and one server part")
-        return self
 
 
 class SplitFedSpec(_AlgorithmBase):
@@ -342,13 +331,6 @@ class SplitFedSpec(_AlgorithmBase):
 
     name: Literal["splitfed"]
     variant: Literal["v1", "v2"] = "v1"
-
-    @model_validator(mode="after")
-    def _batched(self):
-        if self.variant == "v2":
-            _refuse_batched_on(self, "SplitFed v2's clients train one shared server part in arrival order "
-                                     "(v1 can be batched)")
-        return self
 
 
 class AdaSplitSpec(_AlgorithmBase):
@@ -367,11 +349,6 @@ class AdaSplitSpec(_AlgorithmBase):
     embedding_dim: Annotated[int, Field(ge=1)] = 64
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: NonNegFloat = 1e-3
-
-    @model_validator(mode="after")
-    def _batched(self):
-        _refuse_batched_on(self, "AdaSplit's clients train against one shared server part and its masks")
-        return self
 
 
 AlgorithmSpec = Annotated[Union[FedAvgSpec, SLSpec, SplitFedSpec, AdaSplitSpec], Field(discriminator="name")]

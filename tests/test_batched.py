@@ -14,7 +14,6 @@ from torch import nn
 from simkit.algorithms import REGISTRY
 from simkit.algorithms.fedavg import FedAvg
 from simkit.algorithms.splitfed import SplitFed
-from simkit.errors import ConfigError
 from simkit.learning.batched import (
     AUTO_MAX_STEP_FLOPS,
     BatchedFallbackWarning,
@@ -368,10 +367,15 @@ def test_splitfed_v1_float32_auto_batches_and_learns_the_same(monkeypatch):
 @pytest.mark.parametrize("algo,what", [({"name": "sl"}, "split learning"),
                                        ({"name": "splitfed", "variant": "v2"}, "SplitFed v2"),
                                        ({"name": "adasplit"}, "AdaSplit")])
-def test_batched_on_is_refused_where_clients_share_state(algo, what):
-    with pytest.raises(ConfigError, match=f"batched: 'on' is not possible here: {what}") as err:
-        run(scenario(algo, "on"))
-    assert err.value.field == "algorithm"
+def test_batched_on_warns_and_trains_sequentially_where_clients_share_state(algo, what):
+    algo = {**algo, "rounds": 2}
+    off = run(scenario(algo, "off", "float64"))
+    with pytest.warns(BatchedFallbackWarning, match=f"batched: 'on' has no effect for {what}"):
+        on = run(scenario(algo, "on", "float64"))
+    assert_same_records(off, on, same_accuracy=True)
+    for part in off.models:
+        for k in off.models[part]:
+            assert torch.equal(off.models[part][k], on.models[part][k])
 
 
 def test_auto_trains_splitfed_v2_sequentially(monkeypatch):

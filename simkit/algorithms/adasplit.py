@@ -142,6 +142,7 @@ from torch import nn
 
 from simkit.algorithms.bandits import DiscountedUCB, RandomSelection
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
+from simkit.algorithms.batching import warn_not_batchable
 from simkit.learning.flops import FlopCount, architecture_key, count_flops
 from simkit.learning.losses import supcon_loss
 from simkit.learning.masks import MaskedServer, maskable_weights
@@ -236,6 +237,7 @@ class AdaSplit(Algorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        warn_not_batchable(ctx, "AdaSplit", "clients train against one shared server part and its masks")
         spec = self.spec
         n = len(ctx.clients)
         self.n_local = phase_split(spec.kappa, spec.rounds)

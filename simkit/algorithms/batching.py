@@ -19,6 +19,11 @@ The weights equal the sequential path's up to rounding (float64: ~1e-15).
 step is within the measured range, :func:`~simkit.learning.batched.prefer_batched`: a fixed rule
 on the model's FLOPs per step, never a timing, so runs stay deterministic). Whether and why each
 round and model group was batched is logged in :attr:`RoundBatcher.batching`.
+
+Split learning, SplitFed V2 and AdaSplit train their clients against one shared server part (and,
+in SL, one relayed client part), so their steps depend on each other: ``on`` warns there
+(:func:`warn_not_batchable`) and ``auto`` trains sequentially. (A warning rather than a scenario
+error so that a study sweeping ``algorithm.name`` with ``batched: on`` still runs every point.)
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class Precomputed:
     orders: list  # per local epoch, the batches (for the costed steps)
     client_state: dict
     server_state: dict
+
+
+def warn_not_batchable(ctx: Context, algorithm: str, why: str) -> None:
+    """``batched: on`` for an algorithm whose clients share state: warn
+    (:class:`~simkit.learning.batched.BatchedFallbackWarning`) that it trains sequentially."""
+    if ctx.spec.batched == "on" and ctx.train:
+        warnings.warn(f"batched: 'on' has no effect for {algorithm}: {why}; its clients train one after another",
+                      BatchedFallbackWarning, stacklevel=3)
 
 
 class RoundBatcher:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len, tensor_bytes
+from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
+from simkit.algorithms.batching import warn_not_batchable
 
 
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
@@ -73,6 +74,7 @@ class SplitLearning(Algorithm):
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        warn_not_batchable(ctx, "split learning", "clients take turns on one relayed client part and one server part")
         self.client_state = {k: copy.deepcopy(m.state_dict()) for k, m in ctx.client_templates.items()}
         self.holder: dict[str, ClientRuntime | None] = {k: None for k in ctx.client_templates}
         self.server = copy.deepcopy(ctx.server_template)

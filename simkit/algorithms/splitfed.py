@@ -19,8 +19,7 @@ fresh optimisers -- which is FedAvg's local training of the whole model split in
 round's real training is computed at once, ahead (:mod:`simkit.algorithms.batching`), and each
 client process runs the same costed split steps (computes, activation and gradient transfers)
 without the torch work. ``SplitFed.batching`` logs what was batched and why. V2's clients share
-one server part in arrival order, so ``on`` is refused for V2 when the scenario is validated
-(``auto`` trains it sequentially).
+one server part in arrival order, so V2 trains sequentially (``on`` warns).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import copy
 
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
-from simkit.algorithms.batching import Precomputed, RoundBatcher
+from simkit.algorithms.batching import Precomputed, RoundBatcher, warn_not_batchable
 from simkit.algorithms.sl import split_step
 
 
@@ -49,7 +48,8 @@ class SplitFed(Algorithm):
         if self.v2:
             self.shared_server = copy.deepcopy(ctx.server_template)
             self.shared_opt = ctx.optimizer(self.shared_server.parameters())
-        # V2 rounds share the server part: never trained ahead
+        if self.v2:   # V2 rounds share the server part: never trained ahead
+            warn_not_batchable(ctx, "SplitFed v2", "clients train one shared server part in arrival order")
         self.batcher = RoundBatcher(ctx, "off" if self.v2 else self.spec.batched)
         #: one entry per round and model group when batching is on/auto (see RoundBatcher.batching)
         self.batching = self.batcher.batching
