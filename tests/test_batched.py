@@ -278,11 +278,12 @@ def test_auto_keeps_small_rounds_sequential(monkeypatch):
     assert [e["batched"] for e in made[0].batching] == [False, False]
 
 
-def test_mixed_workload_batches_each_model_group(monkeypatch):
-    made = spy(monkeypatch)
+@pytest.mark.parametrize("name,cls", [("fedavg", FedAvg), ("splitfed", SplitFed)])
+def test_mixed_workload_batches_each_model_group(name, cls, monkeypatch):
+    made = spy(monkeypatch, cls=cls, names=(name,))
     wl = {"dataset": "digits", "partition": {"kind": "mixed", "datasets": ["digits", "mnist1d"]},
           "model": {"family": "auto", "cut": 1}, "batch_size": 16, "max_samples": 400, "dtype": "float64"}
-    algo = {"name": "fedavg", "rounds": 2, "lr": 0.1}
+    algo = {"name": name, "rounds": 2, "lr": 0.1}
     off = run(scenario(algo, "off", workload=wl, clients={"rpi4": 4}))
     on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
     assert_same_records(off, on, same_accuracy=True)
