@@ -19,8 +19,8 @@ cores, from /proc/stat); a repetition with foreign load above ``--max-foreign`` 
 most twice). ``seq`` also runs on clients of *uneven* sizes (last batches partial, some clients
 one step more) next to ``batched``.
 
-**Whole runs** (:func:`whole_runs`): ``simkit.run`` of FedAvg and of SplitFed V1 on 50 digits
-clients, ``batched: off`` against ``auto``, paired, alternating order -- the speed-up a user sees,
+**Whole runs** (:func:`whole_runs`): ``simkit.run`` of FedAvg, SplitFed V1 and AdaSplit (its
+batched local phase) on 50 digits clients, ``batched: off`` against ``auto``, paired, alternating order -- the speed-up a user sees,
 simulation, evaluation and set-up included, and a check that both give the same accuracy.
 
 Run:  python -m benchmarks.batched [--quick] [--json FILE] [--threads 1] [--reps 5]
@@ -228,20 +228,25 @@ def auto_check(args, reps: int, min_s: float) -> None:
 
 def whole_runs(reps: int, clients: int = 50, rounds: int = 3) -> dict:
     """Host seconds of whole ``simkit.run`` calls, ``batched: off`` vs ``auto`` (paired, alternating
-    order); returns per algorithm the median speed-up. Also checks the two runs agree."""
+    order); returns per algorithm the median speed-up. Also prints both runs' accuracy (equal up to
+    float32 rounding). AdaSplit runs ``rounds + 1`` epochs, the last in its (sequential) global phase."""
     from simkit.run import run
+
+    algos = {"fedavg": {"lr": 0.1, "momentum": 0.9}, "splitfed": {"lr": 0.1, "momentum": 0.9},
+             "adasplit": {"kappa": rounds / (rounds + 1), "rounds": rounds + 1}}
 
     def scenario(algo: str, batched: str) -> dict:
         return {"name": f"bench-{algo}-{batched}", "seed": 1,
                 "fleet": {"counts": {"rpi4": clients // 2, "phone-midrange": clients - clients // 2}},
                 "topology": {"kind": "two_tier", "gateways": 2},
                 "workload": {"dataset": "digits", "batch_size": 8},
-                "algorithm": {"name": algo, "rounds": rounds, "batched": batched, "lr": 0.1, "momentum": 0.9,
-                              "eval_every": rounds}}
+                "algorithm": {"name": algo, "rounds": rounds, "batched": batched, "eval_every": rounds,
+                              **algos[algo]}}
 
-    print(f"\nwhole runs: simkit.run, {clients} digits clients, {rounds} rounds, batch 8 (host s, paired)")
+    print(f"\nwhole runs: simkit.run, {clients} digits clients, {rounds} rounds (AdaSplit: {rounds} local "
+          f"epochs + 1 global), batch 8 (host s, paired)")
     out = {}
-    for algo in ("fedavg", "splitfed"):
+    for algo in algos:
         acc = {}
         for b in ("off", "auto"):   # warm-up
             acc[b] = run(scenario(algo, b)).summary["accuracy_mean"]

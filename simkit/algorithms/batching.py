@@ -20,8 +20,11 @@ step is within the measured range, :func:`~simkit.learning.batched.prefer_batche
 on the model's FLOPs per step, never a timing, so runs stay deterministic). Whether and why each
 round and model group was batched is logged in :attr:`RoundBatcher.batching`.
 
-Split learning, SplitFed V2 and AdaSplit train their clients against one shared server part (and,
-in SL, one relayed client part), so their steps depend on each other: ``on`` warns there
+AdaSplit's local phase is batched too, differently: each client continues its *own* backbone +
+head and optimiser state (``AdaSplit.precompute_local``, with
+:func:`~simkit.learning.batched.continue_local_batched`); its global phase trains sequentially.
+Split learning and SplitFed V2 train their clients against one shared server part (and, in SL,
+one relayed client part), so their steps depend on each other: ``on`` warns there
 (:func:`warn_not_batchable`) and ``auto`` trains sequentially. (A warning rather than a scenario
 error so that a study sweeping ``algorithm.name`` with ``batched: on`` still runs every point.)
 """
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +76,17 @@ class RoundBatcher:
     Args:
         ctx: the run's context.
         mode: ``"off"``, ``"on"`` or ``"auto"`` (the scenario's ``algorithm.batched``).
+        model_of: the model a client of group ``key`` trains (default: client part + server part);
+            AdaSplit's local phase trains backbone + head.
+        step_flops_of: its training FLOPs per step at the run's batch size, for ``auto``.
     """
 
-    def __init__(self, ctx: Context, mode: str):
+    def __init__(self, ctx: Context, mode: str, *, model_of: Callable[[str], nn.Module] | None = None,
+                 step_flops_of: Callable[[str], float] | None = None):
         self.ctx = ctx
         self.mode = mode
+        self.model_of = model_of or (lambda key: nn.Sequential(ctx.client_templates[key], ctx.server_template))
+        self.step_flops_of = step_flops_of or self._whole_step_flops
         #: one entry per round and model group (when on/auto): round, key, clients, batched, reason
         self.batching: list[dict] = []
         self._unsupported: dict[str, str | None] = {}
@@ -94,8 +103,7 @@ class RoundBatcher:
             ctx = self.ctx
             try:
                 self._opt_spec = OptimSpec.from_optimizer(ctx.optimizer([torch.zeros(1, requires_grad=True)]))
-                compile_program(nn.Sequential(ctx.client_templates[key], ctx.server_template), ctx.input_shapes[key],
-                                device=ctx.tdev, dtype=ctx.dtype)
+                compile_program(self.model_of(key), ctx.input_shapes[key], device=ctx.tdev, dtype=ctx.dtype)
                 reason = None
             except Unsupported as exc:
                 reason = str(exc)
@@ -115,12 +123,23 @@ class RoundBatcher:
             return False, f"unsupported: {reason}"
         if self.mode == "on":
             return True, "on"
+        step = self.step_flops_of(key)
+        use = prefer_batched(step, n, self.ctx.tdev)
+        return use, f"auto: {n} clients, {step / 1e6:.1f} MFLOP per client step on {self.ctx.tdev.type}"
+
+    def _whole_step_flops(self, key: str) -> float:
         ctx, b = self.ctx, self.ctx.batch_size
         cf = ctx.flops(ctx.client_templates[key], "client", key, b, input_grad=False)
         sf = ctx.flops(ctx.server_template, "server", key, b, input_grad=True)
-        step = cf.fwd + cf.bwd + sf.fwd + sf.bwd
-        use = prefer_batched(step, n, ctx.tdev)
-        return use, f"auto: {n} clients, {step / 1e6:.1f} MFLOP per client step on {ctx.tdev.type}"
+        return cf.fwd + cf.bwd + sf.fwd + sf.bwd
+
+    @property
+    def optim_spec(self) -> OptimSpec | None:
+        """The optimiser's hyper-parameters (known once a group has been checked)."""
+        return self._opt_spec
+
+    def log(self, rnd: int, key: str, n: int, use: bool, why: str) -> None:
+        self.batching.append({"round": rnd, "key": key, "clients": n, "batched": use, "reason": why})
 
     def precompute(self, chosen: Sequence[ClientRuntime], rnd: int, local_epochs: int,
                    global_client: dict[str, dict], global_server: dict, *, mu: float = 0.0) -> dict[str, Precomputed]:
@@ -137,7 +156,7 @@ class RoundBatcher:
         out: dict[str, Precomputed] = {}
         for key, group in groups.items():
             use, why = self.decide(key, len(group))
-            self.batching.append({"round": rnd, "key": key, "clients": len(group), "batched": use, "reason": why})
+            self.log(rnd, key, len(group), use, why)
             if not use:
                 continue
             orders = [[ctx.epoch_order(c, rnd * local_epochs + e) for e in range(local_epochs)] for c in group]

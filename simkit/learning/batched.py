@@ -52,8 +52,10 @@ The result does not depend on the host's speed: every choice below is a fixed ru
 
 **Supported** (the models of :mod:`simkit.learning.models`): ``nn.Sequential`` nesting of
 ``Conv1d``/``Conv2d`` (zeros padding given as numbers, any stride/dilation/groups, bias or not),
-``Linear``, ``ReLU``, ``MaxPool1d``/``MaxPool2d``, ``Flatten`` (dims 1..-1), ``Unflatten`` (dim 1),
-``Identity``; no buffers (so no BatchNorm); the model must end in class logits ``[B, classes]``.
+``Linear``, ``ReLU``, ``MaxPool1d``/``MaxPool2d``, ``AdaptiveAvgPool1d``/``2d`` to size 1 (global
+average pooling), ``Flatten`` (dims 1..-1), ``Unflatten`` (dim 1), ``Identity``; no buffers (so no
+BatchNorm); the model must end in a flat output ``[B, F]`` (class logits for the cross-entropy, an
+embedding for the supervised contrastive loss).
 Anything else raises :class:`Unsupported` with the reason (callers fall back to the sequential
 loop): see :func:`unsupported_reason`.
 
@@ -69,7 +71,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +83,15 @@ __all__ = [
     "BatchedFallbackWarning",
     "BatchedProgram",
     "ClientJob",
+    "ClientState",
     "OptimSpec",
     "Unsupported",
     "auto_chunk_size",
     "compile_program",
+    "continue_local_batched",
+    "continue_local_sequential",
+    "load_optimizer_state",
+    "optimizer_state",
     "prefer_batched",
     "train_local_batched",
     "train_local_sequential",
@@ -150,6 +157,18 @@ class OptimSpec:
             return cls("adam", float(g["lr"]), betas=(float(g["betas"][0]), float(g["betas"][1])),
                        eps=float(g["eps"]))
         raise Unsupported(f"optimizer {type(opt).__name__} (batched training supports SGD and Adam)")
+
+
+@dataclass
+class ClientState:
+    """Where a client's own training stands, to continue it (AdaSplit's local phase): its weights
+    (``named_parameters`` names), the optimiser steps it has taken (Adam's bias correction) and its
+    optimiser buffers per parameter -- SGD ``(momentum_buffer,)``, Adam ``(exp_avg, exp_avg_sq)``;
+    ``{}`` for an optimiser that has not stepped yet."""
+
+    params: dict[str, torch.Tensor]
+    step: int = 0
+    buffers: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,6 +307,17 @@ class _MaxPool(_Op):
         return gx.squeeze(2) if self.d == 1 else gx
 
 
+class _GlobalAvgPool(_Op):  # AdaptiveAvgPool{1,2}d(1): grid [B, k*C, *sp] -> [B, k*C, 1...]
+    def forward(self, x, P, k):
+        dims = tuple(range(2, x.dim()))
+        # what torch's adaptive average pooling to size 1 computes: the mean over the map
+        return x.mean(dims, keepdim=True), (tuple(x.shape), math.prod(x.shape[2:]), x)
+
+    def backward(self, g, saved, P, k, grads, need_gx):
+        shape, n, x = saved
+        return _like((g / n).expand(shape), x)
+
+
 class _Flatten(_Op):  # grid [B, k*C, *sp] -> flat [k, B, C*prod(sp)]
     def forward(self, x, P, k):
         b = x.shape[0]
@@ -424,6 +454,13 @@ def compile_program(template: nn.Module, input_shape: Sequence[int], *, device=N
                 sp.append(o)
             ops.append(op)
             shape = (shape[0], *sp)
+        elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            d = 2 if isinstance(m, nn.AdaptiveAvgPool2d) else 1
+            size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * d
+            if layout != "grid" or len(shape) != d + 1 or any(v != 1 for v in size):
+                raise Unsupported(f"{where}: only global average pooling (output size 1) of a {d}-D map")
+            ops.append(_GlobalAvgPool())
+            shape = (shape[0],) + (1,) * d
         elif isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 raise Unsupported(f"{where}: start_dim={m.start_dim}, end_dim={m.end_dim} (only 1, -1)")
@@ -456,28 +493,87 @@ def compile_program(template: nn.Module, input_shape: Sequence[int], *, device=N
 
 
 # ---------------------------------------------------------------------------------- training
-def _stack_start(prog: BatchedProgram, start_state: dict, n: int, device, dtype) -> list[torch.Tensor]:
+def _stack_start(prog: BatchedProgram, start_state: dict | Sequence[dict], n: int, device, dtype) -> list[torch.Tensor]:
+    """The parameters stacked ``[n, *shape]``: one common start state, or one state per client."""
+    per_client = not isinstance(start_state, dict)
     out = []
     for name, shp in zip(prog.names, prog.shapes):
-        t = start_state[name].detach().to(device, dtype)
-        if tuple(t.shape) != shp:
-            raise ValueError(f"start_state[{name!r}] has shape {tuple(t.shape)}, the model {shp}")
-        out.append(t.unsqueeze(0).repeat(n, *([1] * t.dim())).contiguous())
+        ts = [st[name] for st in start_state] if per_client else [start_state[name]]
+        for t in ts:
+            if tuple(t.shape) != shp:
+                raise ValueError(f"start state {name!r} has shape {tuple(t.shape)}, the model {shp}")
+        if per_client:
+            out.append(torch.stack([t.detach().to(device, dtype) for t in ts]).contiguous())
+        else:
+            t = ts[0].detach().to(device, dtype)
+            out.append(t.unsqueeze(0).repeat(n, *([1] * t.dim())).contiguous())
+    return out
+
+
+def _supcon_grad(z: torch.Tensor, y: torch.Tensor, lens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Gradient of the sum over clients of each client's supervised contrastive loss
+    (:func:`simkit.learning.losses.supcon_loss` on its own real samples) w.r.t. ``z [k, bmax, D]``.
+
+    The same formula per client, with the padded samples masked out: a padded column never
+    enters an anchor's softmax (``-inf``) nor its positives, a padded anchor is not counted. A
+    client with no anchor that has a positive (e.g. one sample) gets zero gradient, as the loss
+    is then the constant 0. Small (``k x bmax x bmax``): computed with autograd."""
+    k, bmax = z.shape[0], z.shape[1]
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        zn = F.normalize(leaf, dim=2)
+        logits = torch.bmm(zn, zn.transpose(1, 2)) / temperature
+        ar = torch.arange(bmax, device=z.device)
+        valid = ar.unsqueeze(0) < lens.unsqueeze(1)                        # [k, bmax]
+        eye = torch.eye(bmax, dtype=torch.bool, device=z.device).unsqueeze(0)
+        drop = eye | ~valid.unsqueeze(1)                                     # self, padded columns
+        logits = logits.masked_fill(drop, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
+        pos = (y.unsqueeze(2) == y.unsqueeze(1)) & ~drop & valid.unsqueeze(2)
+        n_pos = pos.sum(dim=2)
+        has = n_pos > 0
+        pos_log_prob = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=2)
+        per_anchor = torch.where(has, -pos_log_prob / n_pos.clamp(min=1).to(log_prob.dtype),
+                                 torch.zeros_like(pos_log_prob))
+        count = has.sum(dim=1)
+        loss = (per_anchor.sum(dim=1) / count.clamp(min=1).to(log_prob.dtype)).sum()
+        (g,) = torch.autograd.grad(loss, leaf)
+    return g
+
+
+def _stack_buffers(prog: BatchedProgram, P: list[torch.Tensor], states: Sequence[ClientState] | None, slot: int,
+                   device, dtype) -> list[torch.Tensor]:
+    """Optimiser buffer ``slot`` of every parameter, stacked per client (zeros for a fresh one)."""
+    out = [torch.zeros_like(t) for t in P]
+    if states is not None:
+        for i, st in enumerate(states):
+            if st.buffers:
+                for j, name in enumerate(prog.names):
+                    out[j][i].copy_(st.buffers[name][slot].to(device, dtype))
     return out
 
 
 @torch.no_grad()
-def _run_group(prog: BatchedProgram, start_state: dict, jobs: list[ClientJob], opt: OptimSpec, mu: float,
-               device, dtype) -> list[list[torch.Tensor]]:
-    """Train ``jobs`` (sorted by step count, descending) together; per job its parameter list."""
+def _run_group(prog: BatchedProgram, start_state: dict | Sequence[dict], jobs: list[ClientJob], opt: OptimSpec,
+               mu: float, device, dtype, *, states: Sequence[ClientState] | None = None, loss: str = "cross_entropy",
+               temperature: float = 0.1):
+    """Train ``jobs`` (sorted by step count, descending) together; per job its parameter list, and
+    the optimiser buffers (stacked) and per-client step counts after.
+
+    ``states`` (one per job): continue each client's own training -- its weights, optimiser
+    buffers and step count -- instead of starting every client from ``start_state`` afresh."""
     n = len(jobs)
-    P = _stack_start(prog, start_state, n, device, dtype)
+    P = _stack_start(prog, [st.params for st in states] if states is not None else start_state, n, device, dtype)
     anchor = [t.clone() for t in P] if mu > 0 else None  # the round's global weights (same for all)
+    s0 = [st.step for st in states] if states is not None else [0] * n
+    fresh = all(not st.buffers for st in states) if states is not None else True
     if opt.kind == "sgd":
-        bufs = [torch.zeros_like(t) for t in P] if opt.momentum != 0 else None
+        bufs = _stack_buffers(prog, P, states, 0, device, dtype) if opt.momentum != 0 else None
     else:
-        exp_avg = [torch.zeros_like(t) for t in P]
-        exp_avg_sq = [torch.zeros_like(t) for t in P]
+        exp_avg = _stack_buffers(prog, P, states, 0, device, dtype)
+        exp_avg_sq = _stack_buffers(prog, P, states, 1, device, dtype)
+        if len(set(s0)) > 1:   # clients at different step counts: per-client bias corrections
+            s0_t = torch.tensor(s0, dtype=torch.float64)
     # all clients' data in one tensor; a client's batch indices are offset into it
     offsets, off = [], 0
     for j in jobs:
@@ -511,13 +607,16 @@ def _run_group(prog: BatchedProgram, start_state: dict, jobs: list[ClientJob], o
         for op in ops:
             x, s = op.forward(x, P, k)
             saved.append(s)
-        logits = x  # [k, bmax, classes]
-        # --- loss gradient: per sample (softmax - onehot) * w, w = 1/n_real (0 for padding)
-        y = Y[gidx].transpose(0, 1).unsqueeze(2)  # [k, bmax, 1]
-        w = (torch.arange(bmax, device=device).unsqueeze(0) < lens.unsqueeze(1)).to(dtype)
-        w = (w / lens.unsqueeze(1).to(dtype)).unsqueeze(2)  # [k, bmax, 1]
-        g = torch.log_softmax(logits, 2).exp_().mul_(w)
-        g.scatter_add_(2, y, -w)
+        if loss == "supcon":
+            g = _supcon_grad(x, Y[gidx].transpose(0, 1), lens, temperature)
+        else:
+            logits = x  # [k, bmax, classes]
+            # --- loss gradient: per sample (softmax - onehot) * w, w = 1/n_real (0 for padding)
+            y = Y[gidx].transpose(0, 1).unsqueeze(2)  # [k, bmax, 1]
+            w = (torch.arange(bmax, device=device).unsqueeze(0) < lens.unsqueeze(1)).to(dtype)
+            w = (w / lens.unsqueeze(1).to(dtype)).unsqueeze(2)  # [k, bmax, 1]
+            g = torch.log_softmax(logits, 2).exp_().mul_(w)
+            g.scatter_add_(2, y, -w)
         # --- backward
         grads: list = [None] * len(P)
         for j in range(last, prog.first_param_op - 1, -1):
@@ -532,7 +631,7 @@ def _run_group(prog: BatchedProgram, start_state: dict, jobs: list[ClientJob], o
         if opt.kind == "sgd":
             if bufs is not None:
                 bk = [b_[:k] for b_ in bufs]
-                if t == 0:
+                if t == 0 and fresh:   # torch.optim clones the first gradient (= 0 * momentum + g)
                     torch._foreach_copy_(bk, grads)
                 else:
                     torch._foreach_mul_(bk, opt.momentum)
@@ -541,21 +640,35 @@ def _run_group(prog: BatchedProgram, start_state: dict, jobs: list[ClientJob], o
             else:
                 torch._foreach_add_(params, grads, alpha=-opt.lr)
         else:
-            step = t + 1
             m1 = [m_[:k] for m_ in exp_avg]
             m2 = [v_[:k] for v_ in exp_avg_sq]
             torch._foreach_lerp_(m1, grads, 1 - b1)
             torch._foreach_mul_(m2, b2)
             torch._foreach_addcmul_(m2, grads, grads, value=1 - b2)
-            step_size = opt.lr / (1 - b1 ** step)
-            bc2_sqrt = (1 - b2 ** step) ** 0.5
             denom = torch._foreach_sqrt(m2)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, opt.eps)
-            torch._foreach_addcdiv_(params, m1, denom, value=-step_size)
+            if len(set(s0)) == 1:
+                step = s0[0] + t + 1
+                step_size = opt.lr / (1 - b1 ** step)
+                bc2_sqrt = (1 - b2 ** step) ** 0.5
+                torch._foreach_div_(denom, bc2_sqrt)
+                torch._foreach_add_(denom, opt.eps)
+                torch._foreach_addcdiv_(params, m1, denom, value=-step_size)
+            else:   # the same formulas with each client's own step (Python doubles, as torch.optim's)
+                step_t = s0_t[:k] + (t + 1)
+                size_t = (opt.lr / (1 - b1 ** step_t)).to(device, dtype)
+                bc2_t = ((1 - b2 ** step_t) ** 0.5).to(device, dtype)
+                for d_, m_, p_ in zip(denom, m1, params):
+                    shp = (k,) + (1,) * (p_.dim() - 1)
+                    d_.div_(bc2_t.view(shp)).add_(opt.eps)
+                    p_.addcdiv_(m_ * size_t.view(shp), d_, value=-1.0)
     for op in ops:
         op.ws = {}
-    return [[p[i] for p in P] for i in range(n)]
+    steps_done = [s0[i] + steps[i] for i in range(n)]
+    if opt.kind == "sgd":
+        buffers = (bufs,) if bufs is not None else ()
+    else:
+        buffers = (exp_avg, exp_avg_sq)
+    return [[p[i] for p in P] for i in range(n)], buffers, steps_done
 
 
 def train_local_batched(template: nn.Module, start_state: dict[str, torch.Tensor], clients: Sequence[ClientJob], *,
@@ -605,10 +718,128 @@ def train_local_batched(template: nn.Module, start_state: dict[str, torch.Tensor
     out: list = [None] * len(clients)
     for s in range(0, len(order), size):
         part = order[s:s + size]
-        res = _run_group(prog, start_state, [clients[i] for i in part], opt, float(mu), device, dtype)
+        res, _, _ = _run_group(prog, start_state, [clients[i] for i in part], opt, float(mu), device, dtype)
         for i, plist in zip(part, res):
             out[i] = {name: p.clone() for name, p in zip(prog.names, plist)}
     return out
+
+
+def continue_local_batched(template: nn.Module, states: Sequence[ClientState], clients: Sequence[ClientJob], *,
+                           optimizer: OptimSpec, loss: str = "cross_entropy", temperature: float = 0.1,
+                           dtype: torch.dtype | None = None, device=None,
+                           chunk_size: int | None = None) -> list[ClientState]:
+    """Continue each client's *own* training, computed together: client ``i`` starts from
+    ``states[i]`` (weights, optimiser buffers and step count) and steps through
+    ``clients[i].batches``. ``loss``: ``"cross_entropy"`` (the model ends in class logits) or
+    ``"supcon"`` (:func:`simkit.learning.losses.supcon_loss` on the model's output embedding,
+    ``temperature``). The equivalence contract is :func:`train_local_batched`'s, against the loop
+    of :func:`continue_local_sequential`. Returns the new states (fresh tensors), in order.
+
+    Raises:
+        Unsupported: the model, optimiser or loss is not supported; nothing was computed.
+    """
+    if loss not in ("cross_entropy", "supcon"):
+        raise Unsupported(f"loss {loss!r} (batched training supports cross_entropy and supcon)")
+    if len(states) != len(clients):
+        raise ValueError(f"{len(states)} states for {len(clients)} clients")
+    p0 = next(iter(template.parameters()), None)
+    device = torch.device(device) if device is not None else (p0.device if p0 is not None else torch.device("cpu"))
+    dtype = dtype or (p0.dtype if p0 is not None else torch.float32)
+    if not clients:
+        return []
+    shapes = {tuple(c.x.shape[1:]) for c in clients}
+    if len(shapes) != 1:
+        raise Unsupported(f"clients have different input shapes {sorted(shapes)}")
+    prog = compile_program(template, shapes.pop(), device=device, dtype=dtype)
+    nbuf = 0 if (optimizer.kind == "sgd" and optimizer.momentum == 0) else (1 if optimizer.kind == "sgd" else 2)
+    for st in states:
+        if st.buffers and any(len(st.buffers.get(n, ())) != nbuf for n in prog.names):
+            raise Unsupported(f"optimiser state does not match {optimizer.kind} (expected {nbuf} buffers per "
+                              f"parameter)")
+    order = sorted(range(len(clients)), key=lambda i: -len(clients[i].batches))  # stable: ties keep order
+    if chunk_size is None:
+        bmax = max((int(b.shape[0]) for c in clients for b in c.batches), default=1)
+        chunk_size = auto_chunk_size(prog, len(order), bmax, torch.empty((), dtype=dtype).element_size(), device)
+    size = max(1, int(chunk_size))
+    out: list = [None] * len(clients)
+    for s in range(0, len(order), size):
+        part = order[s:s + size]
+        res, buffers, steps = _run_group(prog, None, [clients[i] for i in part], optimizer, 0.0, device, dtype,
+                                         states=[states[i] for i in part], loss=loss, temperature=temperature)
+        for j, (i, plist) in enumerate(zip(part, res)):
+            bufs = {name: tuple(b[k][j].clone() for b in buffers) for k, name in enumerate(prog.names)} \
+                if (buffers and steps[j] > 0) else {}
+            out[i] = ClientState({name: p.clone() for name, p in zip(prog.names, plist)}, steps[j], bufs)
+    return out
+
+
+def continue_local_sequential(template: nn.Module, states: Sequence[ClientState], clients: Sequence[ClientJob], *,
+                              optimizer: OptimSpec, loss: str = "cross_entropy",
+                              temperature: float = 0.1) -> list[ClientState]:
+    """The reference of :func:`continue_local_batched`: per client, load its state into a model and
+    a torch.optim optimiser and run the ordinary loop."""
+    import copy
+
+    from simkit.learning.losses import supcon_loss
+
+    model = copy.deepcopy(template)
+    params = dict(model.named_parameters())
+    out = []
+    for st, c in zip(states, clients):
+        model.load_state_dict(st.params, strict=False)
+        opt = _torch_optimizer(optimizer, list(params.values()))
+        load_optimizer_state(opt, params, st)
+        for idx in c.batches:
+            opt.zero_grad(set_to_none=True)
+            z = model(c.x[idx])
+            (supcon_loss(z, c.y[idx], temperature) if loss == "supcon" else F.cross_entropy(z, c.y[idx])).backward()
+            opt.step()
+        out.append(optimizer_state(opt, params))
+    return out
+
+
+def _torch_optimizer(spec: OptimSpec, params: list) -> torch.optim.Optimizer:
+    if spec.kind == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], st: ClientState) -> None:
+    """Put ``st``'s optimiser buffers and step count into a torch.optim SGD/Adam over ``params``."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for name, p in params.items():
+        bufs = st.buffers.get(name)
+        if not bufs:
+            opt.state.pop(p, None)
+            continue
+        if isinstance(opt, torch.optim.Adam):
+            opt.state[p] = {"step": torch.tensor(float(st.step), dtype=_get_scalar_dtype()),
+                            "exp_avg": bufs[0].detach().clone().to(p), "exp_avg_sq": bufs[1].detach().clone().to(p)}
+        else:
+            opt.state[p] = {"momentum_buffer": bufs[0].detach().clone().to(p)}
+
+
+def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> ClientState:
+    """A client's :class:`ClientState` read from its model parameters and torch.optim SGD/Adam.
+
+    Raises:
+        Unsupported: the parameters are at different step counts (some were updated without the
+            others), which one batched state cannot express."""
+    steps, bufs = set(), {}
+    for name, p in params.items():
+        stt = opt.state.get(p) or {}
+        if isinstance(opt, torch.optim.Adam):
+            if stt:
+                steps.add(int(float(stt["step"])))
+                bufs[name] = (stt["exp_avg"].detach().clone(), stt["exp_avg_sq"].detach().clone())
+            else:
+                steps.add(0)
+        elif stt.get("momentum_buffer") is not None:
+            bufs[name] = (stt["momentum_buffer"].detach().clone(),)
+    if len(steps) > 1 or (bufs and len(bufs) != len(params)):
+        raise Unsupported("the optimiser's parameters are at different steps")
+    return ClientState({n: p.detach().clone() for n, p in params.items()}, steps.pop() if steps else 0, bufs)
 
 
 def train_local_sequential(template: nn.Module, start_state: dict[str, torch.Tensor], clients: Sequence[ClientJob],
