@@ -543,3 +543,17 @@ def test_float32_single_continued_supcon_step_is_close(spec):
     for a, b in zip(ref, got):
         for k in a.params:
             torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=atol)
+
+
+def test_adasplit_mixed_workload_batches_each_model_group(monkeypatch):
+    made = spy(monkeypatch, cls=AdaSplit, names=("adasplit",))
+    wl = {"dataset": "digits", "partition": {"kind": "mixed", "datasets": ["digits", "mnist1d"]},
+          "model": {"family": "auto", "cut": 1}, "batch_size": 16, "max_samples": 300, "dtype": "float64"}
+    algo = {"name": "adasplit", "rounds": 3, "kappa": 0.67}
+    off = run(scenario(algo, "off", workload=wl, clients={"rpi4": 4}))
+    on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
+    assert_same_adasplit_records(off, on)
+    for part in off.models:
+        for k in off.models[part]:
+            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert {(e["round"], e["key"]) for e in made[1].batching} == {(r, k) for r in (0, 1) for k in ("digits", "mnist1d")}
