@@ -234,6 +234,14 @@ def assert_same_records(a, b, *, same_accuracy: bool):
     pd.testing.assert_frame_equal(ca, cb, check_exact=True)
 
 
+def assert_same_weights(a, b, tol: float = 1e-9):
+    """Every trained tensor of run ``a`` equals ``b``'s within ``tol`` (0: bit for bit)."""
+    assert a.models.keys() == b.models.keys() and a.models
+    for part in a.models:
+        for k in a.models[part]:
+            assert (a.models[part][k] - b.models[part][k]).abs().max().item() <= tol
+
+
 FAULTS = [{"kind": "crash", "fraction": 0.3, "between_s": [0.05, 0.5]}]
 RUNS = [
     pytest.param({"name": "fedavg", "lr": 0.1, "momentum": 0.9, "local_epochs": 2, "fraction": 0.8}, id="fedavg"),
@@ -249,9 +257,7 @@ def test_fedavg_float64_batched_run_equals_the_sequential_run(algo, monkeypatch)
     on = run(scenario(algo, "on", "float64", **extra))
     assert_same_records(off, on, same_accuracy=True)
     assert off.summary["accuracy_mean"] == on.summary["accuracy_mean"]
-    for part in off.models:
-        for k in off.models[part]:
-            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert_same_weights(off, on)
     # the faults really hit the rounds: clients crashed mid-round and dropped updates
     drops = off.records["dropout"]
     assert off.summary["clients_lost"] > 0 and (drops.reason == "crash").any()
@@ -295,9 +301,7 @@ def test_mixed_workload_batches_each_model_group(name, cls, monkeypatch):
     on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
     assert_same_records(off, on, same_accuracy=True)
     assert {e["key"] for e in made[1].batching} == {"digits", "mnist1d"}
-    for part in off.models:
-        for k in off.models[part]:
-            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert_same_weights(off, on)
 
 
 def test_unsupported_model_falls_back_with_a_recorded_reason(monkeypatch):
@@ -347,9 +351,7 @@ def test_splitfed_v1_float64_batched_run_equals_the_sequential_run(algo, monkeyp
     on = run(scenario(algo, "on", "float64", **extra))
     assert_same_records(off, on, same_accuracy=True)
     assert off.summary["accuracy_mean"] == on.summary["accuracy_mean"]
-    for part in off.models:
-        for k in off.models[part]:
-            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert_same_weights(off, on)
     # the runs trained (not a no-op on both sides) and the faults hit them
     assert off.summary["accuracy_mean"] > 0.5
     assert off.summary["clients_lost"] > 0 and (off.records["dropout"].reason == "mid_round").any()
@@ -380,9 +382,7 @@ def test_batched_on_warns_and_trains_sequentially_where_clients_share_state(algo
     with pytest.warns(BatchedFallbackWarning, match=f"batched: 'on' has no effect for {what}"):
         on = run(scenario(algo, "on", "float64"))
     assert_same_records(off, on, same_accuracy=True)
-    for part in off.models:
-        for k in off.models[part]:
-            assert torch.equal(off.models[part][k], on.models[part][k])
+    assert_same_weights(off, on, tol=0.0)
 
 
 def test_auto_trains_splitfed_v2_sequentially(monkeypatch):
@@ -391,9 +391,7 @@ def test_auto_trains_splitfed_v2_sequentially(monkeypatch):
     off = run(scenario(algo, "off", "float64"))
     auto = run(scenario(algo, "auto", "float64"))
     assert_same_records(off, auto, same_accuracy=True)
-    for part in off.models:
-        for k in off.models[part]:
-            assert torch.equal(off.models[part][k], auto.models[part][k])
+    assert_same_weights(off, auto, tol=0.0)
     assert made[1].batching == []
 
 
@@ -492,9 +490,7 @@ def test_adasplit_batched_local_phase_equals_the_sequential_run(algo, faults, mo
     off = run(scenario(algo, "off", "float64", **extra))
     on = run(scenario(algo, "on", "float64", **extra))
     assert_same_adasplit_records(off, on)
-    for part in off.models:
-        for k in off.models[part]:
-            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert_same_weights(off, on)
     drops = off.records["dropout"]
     assert (drops.reason == "mid_round").any()
     local = int(algo["kappa"] * algo["rounds"])
@@ -553,7 +549,5 @@ def test_adasplit_mixed_workload_batches_each_model_group(monkeypatch):
     off = run(scenario(algo, "off", workload=wl, clients={"rpi4": 4}))
     on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
     assert_same_adasplit_records(off, on)
-    for part in off.models:
-        for k in off.models[part]:
-            assert (off.models[part][k] - on.models[part][k]).abs().max().item() < 1e-9
+    assert_same_weights(off, on)
     assert {(e["round"], e["key"]) for e in made[1].batching} == {(r, k) for r in (0, 1) for k in ("digits", "mnist1d")}

@@ -154,8 +154,14 @@ from torch import nn
 from simkit.algorithms.bandits import DiscountedUCB, RandomSelection
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
 from simkit.algorithms.batching import RoundBatcher
-from simkit.learning.batched import (ClientJob, ClientState, Unsupported, continue_local_batched,
-                                     load_optimizer_state, optimizer_state)
+from simkit.learning.batched import (
+    ClientJob,
+    ClientState,
+    Unsupported,
+    continue_local_batched,
+    load_optimizer_state,
+    optimizer_state,
+)
 from simkit.learning.flops import FlopCount, architecture_key, count_flops
 from simkit.learning.losses import supcon_loss
 from simkit.learning.masks import MaskedServer, maskable_weights

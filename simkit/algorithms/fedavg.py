@@ -90,7 +90,7 @@ class FedAvg(Algorithm):
             self.maybe_evaluate(rnd)
 
     def client_round(self, c: ClientRuntime, rnd: int, pre: Precomputed | None = None):
-        ctx, env, spec = self.ctx, self.ctx.env, self.spec
+        ctx, spec = self.ctx, self.spec
         server, dev = ctx.world.server, c.device
         try:
             yield ctx.send(server, dev, self.whole_bytes[c.key], "model_down")

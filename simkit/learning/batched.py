@@ -518,7 +518,7 @@ def _supcon_grad(z: torch.Tensor, y: torch.Tensor, lens: torch.Tensor, temperatu
     enters an anchor's softmax (``-inf``) nor its positives, a padded anchor is not counted. A
     client with no anchor that has a positive (e.g. one sample) gets zero gradient, as the loss
     is then the constant 0. Small (``k x bmax x bmax``): computed with autograd."""
-    k, bmax = z.shape[0], z.shape[1]
+    bmax = z.shape[1]
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
         zn = F.normalize(leaf, dim=2)
@@ -671,6 +671,27 @@ def _run_group(prog: BatchedProgram, start_state: dict | Sequence[dict], jobs: l
     return [[p[i] for p in P] for i in range(n)], buffers, steps_done
 
 
+def _compile_for(template: nn.Module, clients: Sequence[ClientJob], device, dtype):
+    """The device, dtype (default: the template's) and compiled program for ``clients``' inputs."""
+    p0 = next(iter(template.parameters()), None)
+    device = torch.device(device) if device is not None else (p0.device if p0 is not None else torch.device("cpu"))
+    dtype = dtype or (p0.dtype if p0 is not None else torch.float32)
+    shapes = {tuple(c.x.shape[1:]) for c in clients}
+    if len(shapes) != 1:
+        raise Unsupported(f"clients have different input shapes {sorted(shapes)}")
+    return device, dtype, compile_program(template, shapes.pop(), device=device, dtype=dtype)
+
+
+def _chunks(prog: BatchedProgram, clients: Sequence[ClientJob], chunk_size: int | None, device, dtype) -> list[list[int]]:
+    """Client indices sorted by step count (descending; ties keep order), in chunks trained together."""
+    order = sorted(range(len(clients)), key=lambda i: -len(clients[i].batches))
+    if chunk_size is None:
+        bmax = max((int(b.shape[0]) for c in clients for b in c.batches), default=1)
+        chunk_size = auto_chunk_size(prog, len(order), bmax, torch.empty((), dtype=dtype).element_size(), device)
+    size = max(1, int(chunk_size))
+    return [order[s:s + size] for s in range(0, len(order), size)]
+
+
 def train_local_batched(template: nn.Module, start_state: dict[str, torch.Tensor], clients: Sequence[ClientJob], *,
                         optimizer: str | OptimSpec | torch.optim.Optimizer = "sgd", lr: float = 0.05,
                         momentum: float = 0.0, mu: float = 0.0, dtype: torch.dtype | None = None,
@@ -701,23 +722,11 @@ def train_local_batched(template: nn.Module, start_state: dict[str, torch.Tensor
         opt = OptimSpec.from_optimizer(optimizer)
     else:
         opt = OptimSpec(str(optimizer), float(lr), float(momentum))
-    p0 = next(iter(template.parameters()), None)
-    device = torch.device(device) if device is not None else (p0.device if p0 is not None else torch.device("cpu"))
-    dtype = dtype or (p0.dtype if p0 is not None else torch.float32)
     if not clients:
         return []
-    shapes = {tuple(c.x.shape[1:]) for c in clients}
-    if len(shapes) != 1:
-        raise Unsupported(f"clients have different input shapes {sorted(shapes)}")
-    prog = compile_program(template, shapes.pop(), device=device, dtype=dtype)
-    order = sorted(range(len(clients)), key=lambda i: -len(clients[i].batches))  # stable: ties keep order
-    if chunk_size is None:
-        bmax = max((int(b.shape[0]) for c in clients for b in c.batches), default=1)
-        chunk_size = auto_chunk_size(prog, len(order), bmax, torch.empty((), dtype=dtype).element_size(), device)
-    size = max(1, int(chunk_size))
+    device, dtype, prog = _compile_for(template, clients, device, dtype)
     out: list = [None] * len(clients)
-    for s in range(0, len(order), size):
-        part = order[s:s + size]
+    for part in _chunks(prog, clients, chunk_size, device, dtype):
         res, _, _ = _run_group(prog, start_state, [clients[i] for i in part], opt, float(mu), device, dtype)
         for i, plist in zip(part, res):
             out[i] = {name: p.clone() for name, p in zip(prog.names, plist)}
@@ -742,28 +751,16 @@ def continue_local_batched(template: nn.Module, states: Sequence[ClientState], c
         raise Unsupported(f"loss {loss!r} (batched training supports cross_entropy and supcon)")
     if len(states) != len(clients):
         raise ValueError(f"{len(states)} states for {len(clients)} clients")
-    p0 = next(iter(template.parameters()), None)
-    device = torch.device(device) if device is not None else (p0.device if p0 is not None else torch.device("cpu"))
-    dtype = dtype or (p0.dtype if p0 is not None else torch.float32)
     if not clients:
         return []
-    shapes = {tuple(c.x.shape[1:]) for c in clients}
-    if len(shapes) != 1:
-        raise Unsupported(f"clients have different input shapes {sorted(shapes)}")
-    prog = compile_program(template, shapes.pop(), device=device, dtype=dtype)
+    device, dtype, prog = _compile_for(template, clients, device, dtype)
     nbuf = 0 if (optimizer.kind == "sgd" and optimizer.momentum == 0) else (1 if optimizer.kind == "sgd" else 2)
     for st in states:
         if st.buffers and any(len(st.buffers.get(n, ())) != nbuf for n in prog.names):
             raise Unsupported(f"optimiser state does not match {optimizer.kind} (expected {nbuf} buffers per "
                               f"parameter)")
-    order = sorted(range(len(clients)), key=lambda i: -len(clients[i].batches))  # stable: ties keep order
-    if chunk_size is None:
-        bmax = max((int(b.shape[0]) for c in clients for b in c.batches), default=1)
-        chunk_size = auto_chunk_size(prog, len(order), bmax, torch.empty((), dtype=dtype).element_size(), device)
-    size = max(1, int(chunk_size))
     out: list = [None] * len(clients)
-    for s in range(0, len(order), size):
-        part = order[s:s + size]
+    for part in _chunks(prog, clients, chunk_size, device, dtype):
         res, buffers, steps = _run_group(prog, None, [clients[i] for i in part], optimizer, 0.0, device, dtype,
                                          states=[states[i] for i in part], loss=loss, temperature=temperature)
         for j, (i, plist) in enumerate(zip(part, res)):
@@ -786,7 +783,7 @@ def continue_local_sequential(template: nn.Module, states: Sequence[ClientState]
     params = dict(model.named_parameters())
     out = []
     for st, c in zip(states, clients):
-        model.load_state_dict(st.params, strict=False)
+        model.load_state_dict(st.params)
         opt = _torch_optimizer(optimizer, list(params.values()))
         load_optimizer_state(opt, params, st)
         for idx in c.batches:
