@@ -449,15 +449,55 @@ def test_continuing_each_clients_own_training_equals_the_sequential_loop(spec, l
             assert a.step == b.step == st.step + len(job.batches)
 
 
-def test_continuing_refuses_unknown_losses_and_mixed_step_states():
+@pytest.mark.parametrize("spec", [OptimSpec("adam", 1e-2), OptimSpec("sgd", 0.05, 0.9)], ids=["adam", "sgd-momentum"])
+def test_continuing_from_states_where_only_the_backbone_stepped_equals_the_sequential_loop(spec):
+    """AdaSplit's split steps update the backbone only (the head gets no gradient and torch.optim
+    skips it): the head's Adam step count stays behind, or it has no state at all when the first
+    step was a split step. Continuing from such states keeps each parameter's own count."""
+    from simkit.learning.batched import _torch_optimizer
+    from simkit.learning.losses import supcon_loss
+
+    dt = torch.float64
+    sm = build_split_model("cnn", (1, 8, 8), 10, cut=1, width=8, generator=torch.Generator().manual_seed(1))
+    model = nn.Sequential(sm.client, make_head(tuple(sm.cut_shape), 16, torch.Generator().manual_seed(2))).to(dt)
+    g = torch.Generator().manual_seed(5)
+    js, states = [], []
+    # per client: its earlier steps, "l" = local (backbone + head), "s" = split (backbone only)
+    for n, history in [(24, "lsl"), (17, "s"), (30, "sls"), (20, "")]:
+        x, y = torch.rand(n, 1, 8, 8, generator=g, dtype=dt), torch.randint(0, 4, (n,), generator=g)
+        js.append(ClientJob(x, y, [torch.randperm(n, generator=g)[:8], torch.arange(n)]))
+        m = copy.deepcopy(model)
+        params = dict(m.named_parameters())
+        opt = _torch_optimizer(spec, list(params.values()))
+        for kind in history:
+            opt.zero_grad(set_to_none=True)
+            a = m[0](x[:8])
+            (supcon_loss(m[1](a), y[:8], 0.1) if kind == "l" else (a ** 2).mean()).backward()
+            opt.step()
+        states.append(optimizer_state(opt, params))
+    if spec.kind == "adam":
+        assert states[0].param_steps["0.0.0.weight"] == 3 and states[0].param_steps["1.0.weight"] == 2
+        assert states[1].step_of("1.0.weight") == 0 and "1.0.weight" not in states[1].buffers
+        assert states[3].param_steps is None and states[3].step == 0
+    else:
+        assert "0.0.0.weight" in states[1].buffers and "1.0.weight" not in states[1].buffers
+    ref = continue_local_sequential(model, states, js, optimizer=spec, loss="supcon")
+    got = continue_local_batched(model, states, js, optimizer=spec, loss="supcon", dtype=dt)
+    for a, b in zip(ref, got):
+        assert max((a.params[k] - b.params[k]).abs().max().item() for k in a.params) < 1e-9
+        assert a.buffers.keys() == b.buffers.keys() == a.params.keys()
+        for k in a.buffers:
+            for u, v in zip(a.buffers[k], b.buffers[k]):
+                assert (u - v).abs().max().item() < 1e-9
+        assert a.step == b.step and a.param_steps == b.param_steps
+        assert all(a.step_of(k) == b.step_of(k) for k in a.params)
+    if spec.kind == "adam":
+        assert got[0].param_steps == {k: 5 if k.startswith("0.") else 4 for k in got[0].params}
+
+
+def test_continuing_refuses_unknown_losses():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     params = dict(model.named_parameters())
-    opt = torch.optim.Adam(params.values(), lr=1e-2)
-    F.cross_entropy(model(torch.rand(2, 4)), torch.tensor([0, 1])).backward()
-    model[1].bias.grad = None   # the bias is not updated: its step count stays behind
-    opt.step()
-    with pytest.raises(Unsupported, match="different steps"):
-        optimizer_state(opt, params)
     job = ClientJob(torch.rand(4, 4), torch.tensor([0, 1, 2, 0]), [torch.arange(4)])
     with pytest.raises(Unsupported, match="loss 'mse'"):
         continue_local_batched(model, [ClientState({k: v.detach() for k, v in params.items()})], [job],
@@ -480,11 +520,17 @@ def assert_same_adasplit_records(a, b):
 @pytest.mark.parametrize("algo,faults", [
     ({"name": "adasplit", "kappa": 1.0, "rounds": 3}, [{"kind": "crash", "fraction": 0.4, "between_s": [0.001, 0.03]}]),
     ({"name": "adasplit", "kappa": 0.5, "rounds": 4, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9}, FAULTS),
-], ids=["local-phase-crashes", "sgd-with-global-phase"])
-def test_adasplit_batched_local_phase_equals_the_sequential_run(algo, faults, monkeypatch):
-    """AdaSplit's local phase trained ahead (each client continuing its own backbone + head and
-    Adam/SGD state) keeps every record and the weights of the sequential run; a client that
-    crashes mid-epoch keeps exactly the steps that had started (replayed)."""
+    ({"name": "adasplit", "kappa": 0.25, "rounds": 4, "eta": 0.3},
+     [{"kind": "crash", "fraction": 0.4, "between_s": [0.05, 0.4]}]),
+    ({"name": "adasplit", "kappa": 0.0, "rounds": 3, "eta": 0.5, "return_gradients": False}, FAULTS),
+], ids=["local-phase-crashes", "sgd-with-global-phase", "adam-global-phase-crashes", "streaming-from-the-start"])
+def test_adasplit_batched_run_equals_the_sequential_run(algo, faults, monkeypatch):
+    """AdaSplit batched keeps every record and the weights of the sequential run. Local phase:
+    each epoch trained ahead (each client continuing its own backbone + head and Adam/SGD state);
+    a client that crashes mid-epoch keeps exactly the steps that had started (replayed). Global
+    phase: the non-selected clients' local steps of each iteration trained together at its
+    barrier, between split steps that move only the backbone (Adam step counts per parameter),
+    including crashes mid-iteration and, with kappa 0, clients whose first step is a split step."""
     made = spy(monkeypatch, cls=AdaSplit, names=("adasplit",))
     extra = {"faults": faults, "dropout_p": 0.2}
     off = run(scenario(algo, "off", "float64", **extra))
@@ -495,15 +541,47 @@ def test_adasplit_batched_local_phase_equals_the_sequential_run(algo, faults, mo
     assert (drops.reason == "mid_round").any()
     local = int(algo["kappa"] * algo["rounds"])
     assert made[0].batching == []
-    assert [e["round"] for e in made[1].batching] == list(range(local))   # local epochs only
-    assert all(e["batched"] for e in made[1].batching)
-    if algo["kappa"] == 1.0:   # the crashes hit the local phase
-        assert set(drops[drops.reason == "mid_round"]["round"]) <= set(range(local))
+    log = made[1].batching
+    assert [e["round"] for e in log if e["phase"] == "local"] == list(range(local))
+    glob = [e for e in log if e["phase"] == "global"]
+    assert {e["round"] for e in glob} <= set(range(local, algo["rounds"]))
+    its = [e["iteration"] for e in glob]
+    assert its == sorted(set(its))   # at most one entry per iteration and model group
+    assert all(e["batched"] for e in log)
+    mid = set(drops[drops.reason == "mid_round"]["round"])
+    if local < algo["rounds"]:   # several iterations per epoch; selected steps really happened
+        assert len(its) > algo["rounds"] - local
+        assert (on.records["selection"].selected).any() and (on.records["compute"].tag == "server_step").any()
+    assert mid <= set(range(local)) if algo["kappa"] == 1.0 else mid & set(range(local, algo["rounds"]))
 
 
-def test_adasplit_float32_auto_batches_the_local_phase_and_learns_the_same(monkeypatch):
+def test_adasplit_crash_inside_a_global_phase_local_step_keeps_that_step(monkeypatch):
+    """A client that goes off in the middle of a global-phase local step has made that step (its
+    work runs at the step's start): the batched run trains it at the iteration's barrier although
+    the client never finished the iteration."""
+    algo = {"name": "adasplit", "kappa": 0.34, "rounds": 3, "eta": 0.3}
+    probe = run(scenario(algo, "off", "float64"))
+    c = probe.records["compute"]
+    local = c[(c.tag == "local_step") & (c["round"] == 2) & (c.device.str.startswith("rpi4"))].iloc[3]
+    at = float((local.start + local.end) / 2)
+    crash = [{"kind": "crash", "device": local.device, "at_s": at}]
     made = spy(monkeypatch, cls=AdaSplit, names=("adasplit",))
-    algo = {"name": "adasplit", "kappa": 1.0, "rounds": 3, "lr": 3e-3}
+    off = run(scenario(algo, "off", "float64", faults=crash))
+    on = run(scenario(algo, "on", "float64", faults=crash))
+    d = off.records["dropout"]
+    assert ((d.device == local.device) & (d.reason == "mid_round") & (d.time == at)).any()
+    assert_same_adasplit_records(off, on)
+    assert_same_weights(off, on)
+    assert any(e["phase"] == "global" and e["batched"] for e in made[1].batching)
+
+
+@pytest.mark.parametrize("algo", [
+    {"name": "adasplit", "kappa": 1.0, "rounds": 3, "lr": 3e-3},
+    # random selection: the choices (so the records) do not depend on float32 rounding of the losses
+    {"name": "adasplit", "kappa": 0.34, "rounds": 3, "lr": 3e-3, "selection": "random"},
+], ids=["local-phase", "with-global-phase"])
+def test_adasplit_float32_auto_batches_and_learns_the_same(algo, monkeypatch):
+    made = spy(monkeypatch, cls=AdaSplit, names=("adasplit",))
     off = run(scenario(algo, "off"))
     auto = run(scenario(algo, "auto"))
     for kind in ["compute", "transfer", "dropout", "round"]:
@@ -515,8 +593,11 @@ def test_adasplit_float32_auto_batches_the_local_phase_and_learns_the_same(monke
             a, b = auto.models[part][k].double(), off.models[part][k].double()
             assert (a - b).norm() <= 1e-2 * b.norm() + 1e-6
     assert auto.summary["accuracy_mean"] == pytest.approx(off.summary["accuracy_mean"], abs=0.03)
-    assert all(e["batched"] and e["reason"].startswith("auto") for e in made[1].batching)
-    assert len(made[1].batching) == 3
+    log = made[1].batching
+    assert all(e["batched"] and e["reason"].startswith("auto") for e in log)
+    assert len([e for e in log if e["phase"] == "local"]) == int(algo["kappa"] * algo["rounds"])
+    if algo["kappa"] < 1:
+        assert any(e["phase"] == "global" for e in log)
 
 
 @pytest.mark.parametrize("spec", [OptimSpec("adam", 1e-2), OptimSpec("sgd", 0.05, 0.9)], ids=["adam", "sgd-momentum"])
@@ -550,4 +631,7 @@ def test_adasplit_mixed_workload_batches_each_model_group(monkeypatch):
     on = run(scenario(algo, "on", workload=wl, clients={"rpi4": 4}))
     assert_same_adasplit_records(off, on)
     assert_same_weights(off, on)
-    assert {(e["round"], e["key"]) for e in made[1].batching} == {(r, k) for r in (0, 1) for k in ("digits", "mnist1d")}
+    log = made[1].batching
+    assert {(e["round"], e["key"]) for e in log if e["phase"] == "local"} == \
+        {(r, k) for r in (0, 1) for k in ("digits", "mnist1d")}
+    assert {e["key"] for e in log if e["phase"] == "global"} == {"digits", "mnist1d"}

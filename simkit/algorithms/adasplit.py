@@ -43,8 +43,19 @@ Adam step counts, the SupCon gradient, global average pooling). The client proce
 same costed steps without torch work and install their new state when the epoch ends. A client that
 drops out mid-epoch keeps exactly the steps that had started, as on the sequential path (a step's
 work runs at its start): they are replayed on its untouched models. Records are the sequential
-run's; weights equal it up to rounding (float64: within 1e-9, tested); ``AdaSplit.batching`` logs
-what was batched and why. The global phase (per-iteration selection, server steps) is sequential.
+run's; weights equal it up to rounding (float64: within 1e-9, tested).
+
+Batched global phase: in an iteration the *non-selected* clients' local SupCon steps touch only
+their own models too, and nothing reads those models before the iteration's barrier (a client
+takes one step per iteration; the server and the bandit never read a backbone). So those steps
+only note that they started (when the sequential path would run them) and are trained together at
+the barrier (:meth:`AdaSplit.train_deferred`), a client that dropped mid-step included. The
+selected clients' steps stay sequential: with ``return_gradients`` their update needs the server's
+gradient, and the server part is shared. A split step moves the backbone but not the head (no
+gradient: torch.optim skips it), so the Adam step counts of a client's parameters differ from then
+on; the batched update keeps them per parameter (:class:`~simkit.learning.batched.ClientState`).
+``AdaSplit.batching`` logs what was batched and why: one entry per local epoch and model group
+(``phase: "local"``) and per global iteration and model group (``phase: "global"``, ``iteration``).
 
 Global phase: the timeline
 --------------------------
@@ -249,6 +260,14 @@ class _Iteration:
         return proc
 
 
+def _by_key(clients: list[ClientRuntime]) -> dict[str, list[ClientRuntime]]:
+    """Clients grouped by model key (dataset group), in order."""
+    groups: dict[str, list[ClientRuntime]] = {}
+    for c in clients:
+        groups.setdefault(c.key, []).append(c)
+    return groups
+
+
 class AdaSplit(Algorithm):
     """AdaSplit: local SupCon phase, bandit-selected split steps, per-client server masks."""
 
@@ -293,7 +312,8 @@ class AdaSplit(Algorithm):
         self.batcher = RoundBatcher(ctx, spec.batched,
                                     model_of=lambda key: nn.Sequential(ctx.client_templates[key], self._head_template),
                                     step_flops_of=self._local_step_flops)
-        #: one entry per local epoch and model group when batching is on/auto (see RoundBatcher.batching)
+        #: when batching is on/auto, one entry per local epoch and model group and per global iteration
+        #: and model group (fields ``phase``, and ``iteration`` in the global phase; see RoundBatcher.batching)
         self.batching = self.batcher.batching
 
     # -- helpers -----------------------------------------------------------------------------
@@ -385,30 +405,49 @@ class AdaSplit(Algorithm):
         on/auto and the group qualifies); returns per client index its batches and new state."""
         if not self.batcher.active:
             return {}
-        ctx, spec = self.ctx, self.spec
-        groups: dict[str, list[ClientRuntime]] = {}
-        for c in active:
-            groups.setdefault(c.key, []).append(c)
         out: dict[int, tuple[list, ClientState]] = {}
-        for key, group in groups.items():
-            use, why = self.batcher.decide(key, len(group))
-            states = []
-            if use:
-                try:
-                    states = [optimizer_state(self.opts[c.index], self._param_map(c.index)) for c in group]
-                except Unsupported as exc:
-                    use, why = False, f"unsupported: {exc}"
-            self.batcher.log(epoch, key, len(group), use, why)
-            if not use:
-                continue
-            orders = [list(ctx.epoch_order(c, epoch)) for c in group]
-            jobs = [ClientJob(c.x_train, c.y_train, o) for c, o in zip(group, orders)]
-            new = continue_local_batched(self.batcher.model_of(key), states, jobs, optimizer=self.batcher.optim_spec,
-                                         loss="supcon", temperature=spec.temperature, dtype=ctx.dtype,
-                                         device=ctx.tdev)
-            for c, o, st in zip(group, orders, new):
+        for key, group in _by_key(active).items():
+            orders = [list(self.ctx.epoch_order(c, epoch)) for c in group]
+            new = self._continue_batched(key, group, orders, {"round": epoch, "phase": "local"})
+            for c, o, st in zip(group, orders, new or ()):
                 out[c.index] = (o, st)
         return out
+
+    def train_deferred(self, steps: list[tuple[ClientRuntime, torch.Tensor]], epoch: int, iteration: int) -> None:
+        """The local SupCon steps that started in one global-phase iteration (non-selected clients),
+        trained at the iteration's barrier: batched per model group where the batcher says so, else
+        one after another. Each touches only its own client's backbone, head and optimiser, which
+        nothing reads before the barrier, so the weights are those of running each at its start."""
+        for key, group in _by_key([c for c, _ in steps]).items():
+            idx = {c.index: i for c, i in steps}
+            batches = [[idx[c.index]] for c in group]
+            new = self._continue_batched(key, group, batches, {"round": epoch, "phase": "global",
+                                                               "iteration": iteration})
+            if new is None:
+                for c, b in zip(group, batches):
+                    self._local_work(c, b[0])()
+            else:
+                for c, st in zip(group, new):
+                    self._install(c.index, st)
+
+    def _continue_batched(self, key: str, group: list[ClientRuntime], batches: list[list],
+                          entry: dict) -> list[ClientState] | None:
+        """Each client of model group ``key`` continues its own training through its ``batches``,
+        computed together; ``None`` (nothing trained) when the batcher decides against it or the
+        state cannot be batched. The decision is logged with ``entry``'s fields."""
+        use, why = self.batcher.decide(key, len(group))
+        new = None
+        if use:
+            states = [optimizer_state(self.opts[c.index], self._param_map(c.index)) for c in group]
+            jobs = [ClientJob(c.x_train, c.y_train, b) for c, b in zip(group, batches)]
+            try:
+                new = continue_local_batched(self.batcher.model_of(key), states, jobs, optimizer=self.batcher.optim_spec,
+                                             loss="supcon", temperature=self.spec.temperature, dtype=self.ctx.dtype,
+                                             device=self.ctx.tdev)
+            except Unsupported as exc:
+                use, why = False, f"unsupported: {exc}"
+        self.batcher.log(entry["round"], key, len(group), use, why, **{k: v for k, v in entry.items() if k != "round"})
+        return new
 
     def _param_map(self, i: int) -> dict[str, nn.Parameter]:
         """Client ``i``'s backbone + head parameters, named as in ``nn.Sequential(backbone, head)``."""
@@ -436,6 +475,7 @@ class AdaSplit(Algorithm):
         n_iter = max((len(o) for o in orders.values()), default=0)
         self.selected_steps[:] = 0
         uploads = []  # every upload+server process of the epoch
+        defer = [] if self.batcher.active else None   # local steps started this iteration, trained at its barrier
         for b in range(n_iter):
             cands = [i for i in alive if b < len(orders[i])]
             if not cands:
@@ -447,9 +487,12 @@ class AdaSplit(Algorithm):
             self.step += 1
             it = _Iteration()
             self._open.append(it)
-            procs = {i: env.process(self.client_iteration(alive[i], orders[i][b], i in chosen, it))
+            procs = {i: env.process(self.client_iteration(alive[i], orders[i][b], i in chosen, it, defer))
                      for i in cands}
             done = yield env.all_of(list(procs.values()))
+            if defer:
+                self.train_deferred(defer, epoch, self.step - 1)
+                defer.clear()
             for i, p in procs.items():
                 if not done[p]:
                     del alive[i]
@@ -474,10 +517,11 @@ class AdaSplit(Algorithm):
             seen = [i for i in sel if it.results[i].mean is not None]  # with a loss (none in the fast mode)
             self.selector.update(sel, {i: it.results[i].mean for i in seen}, {i: it.results[i].std for i in seen})
 
-    def client_iteration(self, c: ClientRuntime, idx: torch.Tensor, selected: bool, it: _Iteration):
+    def client_iteration(self, c: ClientRuntime, idx: torch.Tensor, selected: bool, it: _Iteration,
+                         defer: list | None = None):
         try:
             if not selected:
-                yield from self.local_step(c, idx)
+                yield from self.local_step(c, idx, defer=defer)
             elif self.spec.return_gradients:
                 yield from self.split_step(c, idx, it)
             else:
@@ -487,18 +531,24 @@ class AdaSplit(Algorithm):
             self.ctx.dropped(c, exc)
             return False
 
-    def local_step(self, c: ClientRuntime, idx: torch.Tensor, started: list[int] | None = None):
+    def local_step(self, c: ClientRuntime, idx: torch.Tensor, started: list[int] | None = None,
+                   defer: list | None = None):
         """A local SupCon step on backbone + head: client compute only. With ``started`` (the
-        epoch was trained ahead) the step only counts that it started, instead of training."""
+        epoch was trained ahead) the step only counts that it started, instead of training; with
+        ``defer`` it notes ``(c, idx)`` there when it starts, to be trained at the iteration's
+        barrier (:meth:`train_deferred`)."""
         ctx = self.ctx
         b = batch_len(idx)
         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
         hf = self.head_flops(c.key, b)
-        if started is None:
-            work = self._local_work(c, idx)
-        else:
+        if started is not None:
             def work():
                 started[0] += 1
+        elif defer is not None and ctx.train:
+            def work():
+                defer.append((c, idx))
+        else:
+            work = self._local_work(c, idx)
 
         yield from ctx.client_compute(c, cf.fwd + hf.fwd, cf.bwd + hf.bwd, "local_step", work)
 

@@ -20,9 +20,11 @@ step is within the measured range, :func:`~simkit.learning.batched.prefer_batche
 on the model's FLOPs per step, never a timing, so runs stay deterministic). Whether and why each
 round and model group was batched is logged in :attr:`RoundBatcher.batching`.
 
-AdaSplit's local phase is batched too, differently: each client continues its *own* backbone +
-head and optimiser state (``AdaSplit.precompute_local``, with
-:func:`~simkit.learning.batched.continue_local_batched`); its global phase trains sequentially.
+AdaSplit is batched too, differently: each client continues its *own* backbone + head and
+optimiser state (:func:`~simkit.learning.batched.continue_local_batched`), a whole local-phase
+epoch ahead (``AdaSplit.precompute_local``) and, in the global phase, the non-selected clients'
+local steps of each iteration at its barrier (``AdaSplit.train_deferred``); its selected (split)
+steps train sequentially against the shared server part.
 Split learning and SplitFed V2 train their clients against one shared server part (and, in SL,
 one relayed client part), so their steps depend on each other: ``on`` warns there
 (:func:`warn_not_batchable`) and ``auto`` trains sequentially. (A warning rather than a scenario
@@ -138,8 +140,9 @@ class RoundBatcher:
         """The optimiser's hyper-parameters (known once a group has been checked)."""
         return self._opt_spec
 
-    def log(self, rnd: int, key: str, n: int, use: bool, why: str) -> None:
-        self.batching.append({"round": rnd, "key": key, "clients": n, "batched": use, "reason": why})
+    def log(self, rnd: int, key: str, n: int, use: bool, why: str, **extra) -> None:
+        """One entry of :attr:`batching` (``extra``: more fields, e.g. AdaSplit's phase)."""
+        self.batching.append({"round": rnd, "key": key, "clients": n, "batched": use, "reason": why, **extra})
 
     def precompute(self, chosen: Sequence[ClientRuntime], rnd: int, local_epochs: int,
                    global_client: dict[str, dict], global_server: dict, *, mu: float = 0.0) -> dict[str, Precomputed]:

@@ -161,14 +161,24 @@ class OptimSpec:
 
 @dataclass
 class ClientState:
-    """Where a client's own training stands, to continue it (AdaSplit's local phase): its weights
+    """Where a client's own training stands, to continue it (AdaSplit): its weights
     (``named_parameters`` names), the optimiser steps it has taken (Adam's bias correction) and its
     optimiser buffers per parameter -- SGD ``(momentum_buffer,)``, Adam ``(exp_avg, exp_avg_sq)``;
-    ``{}`` for an optimiser that has not stepped yet."""
+    ``{}`` for an optimiser that has not stepped yet.
+
+    ``param_steps``: Adam only, where the parameters are at different step counts (torch.optim
+    skips a parameter that got no gradient: AdaSplit's split steps update the backbone, not the
+    head), each parameter's count; ``step`` is then the largest. A parameter at step 0 has no
+    buffers (Adam's state is created at its first step)."""
 
     params: dict[str, torch.Tensor]
     step: int = 0
     buffers: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    param_steps: dict[str, int] | None = None
+
+    def step_of(self, name: str) -> int:
+        """The optimiser steps parameter ``name`` has taken."""
+        return self.step if self.param_steps is None else self.param_steps.get(name, 0)
 
 
 @dataclass
@@ -547,9 +557,10 @@ def _stack_buffers(prog: BatchedProgram, P: list[torch.Tensor], states: Sequence
     out = [torch.zeros_like(t) for t in P]
     if states is not None:
         for i, st in enumerate(states):
-            if st.buffers:
-                for j, name in enumerate(prog.names):
-                    out[j][i].copy_(st.buffers[name][slot].to(device, dtype))
+            for j, name in enumerate(prog.names):
+                b = st.buffers.get(name)
+                if b:   # (none: a parameter that has not stepped yet, zeros as torch.optim starts)
+                    out[j][i].copy_(b[slot].to(device, dtype))
     return out
 
 
@@ -565,15 +576,18 @@ def _run_group(prog: BatchedProgram, start_state: dict | Sequence[dict], jobs: l
     n = len(jobs)
     P = _stack_start(prog, [st.params for st in states] if states is not None else start_state, n, device, dtype)
     anchor = [t.clone() for t in P] if mu > 0 else None  # the round's global weights (same for all)
-    s0 = [st.step for st in states] if states is not None else [0] * n
+    # per client and parameter: the optimiser steps taken before (Adam's bias correction)
+    s0 = [[st.step_of(name) for name in prog.names] for st in states] if states is not None \
+        else [[0] * len(prog.names)] * n
+    uniform = len({s for row in s0 for s in row}) <= 1
     fresh = all(not st.buffers for st in states) if states is not None else True
     if opt.kind == "sgd":
         bufs = _stack_buffers(prog, P, states, 0, device, dtype) if opt.momentum != 0 else None
     else:
         exp_avg = _stack_buffers(prog, P, states, 0, device, dtype)
         exp_avg_sq = _stack_buffers(prog, P, states, 1, device, dtype)
-        if len(set(s0)) > 1:   # clients at different step counts: per-client bias corrections
-            s0_t = torch.tensor(s0, dtype=torch.float64)
+        if not uniform:   # clients (or parameters) at different step counts: bias corrections per client
+            s0_t = torch.tensor(s0, dtype=torch.float64)   # [n, params]
     # all clients' data in one tensor; a client's batch indices are offset into it
     offsets, off = [], 0
     for j in jobs:
@@ -646,8 +660,8 @@ def _run_group(prog: BatchedProgram, start_state: dict | Sequence[dict], jobs: l
             torch._foreach_mul_(m2, b2)
             torch._foreach_addcmul_(m2, grads, grads, value=1 - b2)
             denom = torch._foreach_sqrt(m2)
-            if len(set(s0)) == 1:
-                step = s0[0] + t + 1
+            if uniform:
+                step = (s0[0][0] if s0 and s0[0] else 0) + t + 1
                 step_size = opt.lr / (1 - b1 ** step)
                 bc2_sqrt = (1 - b2 ** step) ** 0.5
                 torch._foreach_div_(denom, bc2_sqrt)
@@ -657,13 +671,13 @@ def _run_group(prog: BatchedProgram, start_state: dict | Sequence[dict], jobs: l
                 step_t = s0_t[:k] + (t + 1)
                 size_t = (opt.lr / (1 - b1 ** step_t)).to(device, dtype)
                 bc2_t = ((1 - b2 ** step_t) ** 0.5).to(device, dtype)
-                for d_, m_, p_ in zip(denom, m1, params):
+                for j, (d_, m_, p_) in enumerate(zip(denom, m1, params)):
                     shp = (k,) + (1,) * (p_.dim() - 1)
-                    d_.div_(bc2_t.view(shp)).add_(opt.eps)
-                    p_.addcdiv_(m_ * size_t.view(shp), d_, value=-1.0)
+                    d_.div_(bc2_t[:, j].reshape(shp)).add_(opt.eps)
+                    p_.addcdiv_(m_ * size_t[:, j].reshape(shp), d_, value=-1.0)
     for op in ops:
         op.ws = {}
-    steps_done = [s0[i] + steps[i] for i in range(n)]
+    steps_done = [[s + steps[i] for s in s0[i]] for i in range(n)]   # per client and parameter
     if opt.kind == "sgd":
         buffers = (bufs,) if bufs is not None else ()
     else:
@@ -756,7 +770,7 @@ def continue_local_batched(template: nn.Module, states: Sequence[ClientState], c
     device, dtype, prog = _compile_for(template, clients, device, dtype)
     nbuf = 0 if (optimizer.kind == "sgd" and optimizer.momentum == 0) else (1 if optimizer.kind == "sgd" else 2)
     for st in states:
-        if st.buffers and any(len(st.buffers.get(n, ())) != nbuf for n in prog.names):
+        if any(len(b) != nbuf for b in st.buffers.values()) or not st.buffers.keys() <= set(prog.names):
             raise Unsupported(f"optimiser state does not match {optimizer.kind} (expected {nbuf} buffers per "
                               f"parameter)")
     out: list = [None] * len(clients)
@@ -764,9 +778,22 @@ def continue_local_batched(template: nn.Module, states: Sequence[ClientState], c
         res, buffers, steps = _run_group(prog, None, [clients[i] for i in part], optimizer, 0.0, device, dtype,
                                          states=[states[i] for i in part], loss=loss, temperature=temperature)
         for j, (i, plist) in enumerate(zip(part, res)):
-            bufs = {name: tuple(b[k][j].clone() for b in buffers) for k, name in enumerate(prog.names)} \
-                if (buffers and steps[j] > 0) else {}
-            out[i] = ClientState({name: p.clone() for name, p in zip(prog.names, plist)}, steps[j], bufs)
+            done = steps[j]
+            # buffers only where torch.optim would have state: Adam, a parameter that has stepped;
+            # SGD, one that had a momentum buffer or stepped now
+            if optimizer.kind == "adam":
+                has = [d > 0 for d in done]
+            else:
+                stepped = len(clients[i].batches) > 0
+                has = [stepped or name in states[i].buffers for name in prog.names]
+            bufs = {name: tuple(b[k][j].clone() for b in buffers)
+                    for k, name in enumerate(prog.names) if buffers and has[k]}
+            params = {name: p.clone() for name, p in zip(prog.names, plist)}
+            if optimizer.kind == "adam":
+                mixed = len(set(done)) > 1
+                out[i] = ClientState(params, max(done, default=0), bufs, dict(zip(prog.names, done)) if mixed else None)
+            else:   # SGD keeps no step count (as optimizer_state reads it)
+                out[i] = ClientState(params, states[i].step, bufs, states[i].param_steps)
     return out
 
 
@@ -802,7 +829,7 @@ def _torch_optimizer(spec: OptimSpec, params: list) -> torch.optim.Optimizer:
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], st: ClientState) -> None:
-    """Put ``st``'s optimiser buffers and step count into a torch.optim SGD/Adam over ``params``."""
+    """Put ``st``'s optimiser buffers and step counts into a torch.optim SGD/Adam over ``params``."""
     from torch.optim.optimizer import _get_scalar_dtype
 
     for name, p in params.items():
@@ -811,7 +838,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parame
             opt.state.pop(p, None)
             continue
         if isinstance(opt, torch.optim.Adam):
-            opt.state[p] = {"step": torch.tensor(float(st.step), dtype=_get_scalar_dtype()),
+            opt.state[p] = {"step": torch.tensor(float(st.step_of(name)), dtype=_get_scalar_dtype()),
                             "exp_avg": bufs[0].detach().clone().to(p), "exp_avg_sq": bufs[1].detach().clone().to(p)}
         else:
             opt.state[p] = {"momentum_buffer": bufs[0].detach().clone().to(p)}
@@ -820,23 +847,23 @@ def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parame
 def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> ClientState:
     """A client's :class:`ClientState` read from its model parameters and torch.optim SGD/Adam.
 
-    Raises:
-        Unsupported: the parameters are at different step counts (some were updated without the
-            others), which one batched state cannot express."""
-    steps, bufs = set(), {}
+    Parameters that torch.optim skipped (no gradient at some step) keep their own Adam step
+    counts (``param_steps``); a parameter without state has none (Adam: step 0, SGD: no momentum
+    buffer yet -- both what zeros give the batched update)."""
+    steps, bufs = {}, {}
     for name, p in params.items():
         stt = opt.state.get(p) or {}
         if isinstance(opt, torch.optim.Adam):
             if stt:
-                steps.add(int(float(stt["step"])))
+                steps[name] = int(float(stt["step"]))
                 bufs[name] = (stt["exp_avg"].detach().clone(), stt["exp_avg_sq"].detach().clone())
             else:
-                steps.add(0)
+                steps[name] = 0
         elif stt.get("momentum_buffer") is not None:
             bufs[name] = (stt["momentum_buffer"].detach().clone(),)
-    if len(steps) > 1 or (bufs and len(bufs) != len(params)):
-        raise Unsupported("the optimiser's parameters are at different steps")
-    return ClientState({n: p.detach().clone() for n, p in params.items()}, steps.pop() if steps else 0, bufs)
+    mixed = len(set(steps.values())) > 1
+    return ClientState({n: p.detach().clone() for n, p in params.items()}, max(steps.values(), default=0), bufs,
+                       steps if mixed else None)
 
 
 def train_local_sequential(template: nn.Module, start_state: dict[str, torch.Tensor], clients: Sequence[ClientJob],
