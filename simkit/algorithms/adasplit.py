@@ -309,6 +309,7 @@ class AdaSplit(Algorithm):
         self._open: deque[_Iteration] = deque()  # iterations whose bandit row is not closed yet
         self.selected_steps = np.zeros(n, dtype=int)
         # batched local phase (algorithm.batched): backbone + head of every client of a group at once
+        self._pmaps: dict[int, dict[str, nn.Parameter]] = {}
         self.batcher = RoundBatcher(ctx, spec.batched,
                                     model_of=lambda key: nn.Sequential(ctx.client_templates[key], self._head_template),
                                     step_flops_of=self._local_step_flops)
@@ -438,7 +439,7 @@ class AdaSplit(Algorithm):
         use, why = self.batcher.decide(key, len(group))
         new = None
         if use:
-            states = [optimizer_state(self.opts[c.index], self._param_map(c.index)) for c in group]
+            states = [optimizer_state(self.opts[c.index], self._param_map(c.index), copy=False) for c in group]
             jobs = [ClientJob(c.x_train, c.y_train, b) for c, b in zip(group, batches)]
             try:
                 new = continue_local_batched(self.batcher.model_of(key), states, jobs, optimizer=self.batcher.optim_spec,
@@ -450,9 +451,13 @@ class AdaSplit(Algorithm):
         return new
 
     def _param_map(self, i: int) -> dict[str, nn.Parameter]:
-        """Client ``i``'s backbone + head parameters, named as in ``nn.Sequential(backbone, head)``."""
-        return {**{f"0.{n}": p for n, p in self.backbones[i].named_parameters()},
-                **{f"1.{n}": p for n, p in self.heads[i].named_parameters()}}
+        """Client ``i``'s backbone + head parameters, named as in ``nn.Sequential(backbone, head)``
+        (built once: the parameter objects never change, only their values)."""
+        pm = self._pmaps.get(i)
+        if pm is None:
+            pm = self._pmaps[i] = {**{f"0.{n}": p for n, p in self.backbones[i].named_parameters()},
+                                   **{f"1.{n}": p for n, p in self.heads[i].named_parameters()}}
+        return pm
 
     def _install(self, i: int, state: ClientState) -> None:
         """Client ``i``'s weights and optimiser state become ``state`` (trained ahead)."""
@@ -460,7 +465,7 @@ class AdaSplit(Algorithm):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state.params[name])
-        load_optimizer_state(self.opts[i], params, state)
+        load_optimizer_state(self.opts[i], params, state, copy=False)
 
     def _local_step_flops(self, key: str) -> float:
         b = self.ctx.batch_size

@@ -828,9 +828,14 @@ def _torch_optimizer(spec: OptimSpec, params: list) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], st: ClientState) -> None:
-    """Put ``st``'s optimiser buffers and step counts into a torch.optim SGD/Adam over ``params``."""
+def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], st: ClientState, *,
+                         copy: bool = True) -> None:
+    """Put ``st``'s optimiser buffers and step counts into a torch.optim SGD/Adam over ``params``.
+    ``copy=False``: the optimiser takes ``st``'s buffer tensors themselves (``st`` is not used after)."""
     from torch.optim.optimizer import _get_scalar_dtype
+
+    def own(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().to(p) if copy else t.detach().to(p)
 
     for name, p in params.items():
         bufs = st.buffers.get(name)
@@ -839,30 +844,35 @@ def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parame
             continue
         if isinstance(opt, torch.optim.Adam):
             opt.state[p] = {"step": torch.tensor(float(st.step_of(name)), dtype=_get_scalar_dtype()),
-                            "exp_avg": bufs[0].detach().clone().to(p), "exp_avg_sq": bufs[1].detach().clone().to(p)}
+                            "exp_avg": own(bufs[0], p), "exp_avg_sq": own(bufs[1], p)}
         else:
-            opt.state[p] = {"momentum_buffer": bufs[0].detach().clone().to(p)}
+            opt.state[p] = {"momentum_buffer": own(bufs[0], p)}
 
 
-def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> ClientState:
+def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], *, copy: bool = True) -> ClientState:
     """A client's :class:`ClientState` read from its model parameters and torch.optim SGD/Adam.
 
     Parameters that torch.optim skipped (no gradient at some step) keep their own Adam step
     counts (``param_steps``); a parameter without state has none (Adam: step 0, SGD: no momentum
-    buffer yet -- both what zeros give the batched update)."""
+    buffer yet -- both what zeros give the batched update). ``copy=False``: the state refers to
+    the live tensors (read it before anything steps again; :func:`continue_local_batched` copies
+    what it reads)."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if copy else t.detach()
+
     steps, bufs = {}, {}
     for name, p in params.items():
         stt = opt.state.get(p) or {}
         if isinstance(opt, torch.optim.Adam):
             if stt:
                 steps[name] = int(float(stt["step"]))
-                bufs[name] = (stt["exp_avg"].detach().clone(), stt["exp_avg_sq"].detach().clone())
+                bufs[name] = (own(stt["exp_avg"]), own(stt["exp_avg_sq"]))
             else:
                 steps[name] = 0
         elif stt.get("momentum_buffer") is not None:
-            bufs[name] = (stt["momentum_buffer"].detach().clone(),)
+            bufs[name] = (own(stt["momentum_buffer"]),)
     mixed = len(set(steps.values())) > 1
-    return ClientState({n: p.detach().clone() for n, p in params.items()}, max(steps.values(), default=0), bufs,
+    return ClientState({n: own(p) for n, p in params.items()}, max(steps.values(), default=0), bufs,
                        steps if mixed else None)
 
 
