@@ -229,7 +229,8 @@ def auto_check(args, reps: int, min_s: float) -> None:
 def whole_runs(reps: int, clients: int = 50, rounds: int = 3) -> dict:
     """Host seconds of whole ``simkit.run`` calls, ``batched: off`` vs ``auto`` (paired, alternating
     order); returns per algorithm the median speed-up. Also prints both runs' accuracy (equal up to
-    float32 rounding). AdaSplit runs ``rounds + 1`` epochs, the last in its (sequential) global phase."""
+    float32 rounding). AdaSplit runs ``rounds + 1`` epochs, the last in its global phase (where only
+    the non-selected clients' local steps are batched; the split steps stay sequential)."""
     from simkit.run import run
 
     algos = {"fedavg": {"lr": 0.1, "momentum": 0.9}, "splitfed": {"lr": 0.1, "momentum": 0.9},
