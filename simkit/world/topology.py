@@ -345,6 +345,8 @@ def _parse_graphml(path: str | os.PathLike, access: Mapping[str, Any] | None) ->
         raise TopologyError(f"not a GraphML file (not valid XML: {exc})", file=file) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError(f"cannot read file: {exc}", file=file) from None
+    except (LookupError, ValueError) as exc:   # e.g. <?xml encoding="TF-8"?>: an encoding Python does not know
+        raise TopologyError(f"not a GraphML file (cannot decode the XML: {exc})", file=file) from None
     root = tree.getroot()
     if _local(root.tag) != "graphml":
         raise TopologyError(f"not a GraphML file (root element is <{_local(root.tag)}>, expected <graphml>)", file=file)
