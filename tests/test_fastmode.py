@@ -111,6 +111,40 @@ def test_simulation_gc_settings_hold_during_the_run_and_are_restored_after():
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
+def test_a_finished_run_frees_its_world_and_a_run_inside_a_run_keeps_the_freeze(monkeypatch):
+    """A run's world is one big reference cycle (environment <-> processes <-> algorithm); with torch
+    loaded CPython's full collections hardly ever run, so without run_gc every run of a study worker
+    stayed in memory. After run() returns, its environment, world and models are already gone."""
+    import gc
+    import importlib
+    import weakref
+
+    runmod = importlib.import_module("simkit.run")
+    refs = []
+    prepare = runmod.prepare
+
+    def spy(scenario):
+        p = prepare(scenario)
+        refs.extend(weakref.ref(o) for o in (p.env, p.world, p.ctx, p.algorithm))
+        return p
+
+    monkeypatch.setattr(runmod, "prepare", spy)
+    res = run(base({"name": "splitfed"}))   # real training: models, optimisers, hooks
+    assert res.summary["accuracy_mean"] >= 0 and len(refs) == 4
+    assert [r() for r in refs] == [None] * 4
+    assert gc.get_freeze_count() == 0
+    # nested: an inner simulation must not unfreeze what the outer scope froze
+    with runmod.run_gc():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        p = prepare({**base({"name": "fedavg"}), "train": False})
+        runmod.simulate(p)
+        assert gc.get_freeze_count() > frozen // 2   # (frozen objects freed by refcount leave the count)
+        run({**base({"name": "fedavg"}), "train": False})
+        assert gc.get_freeze_count() > frozen // 2
+    assert gc.get_freeze_count() == 0
+
+
 def iter_probe(env, seen):
     import gc
 
