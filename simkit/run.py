@@ -237,20 +237,23 @@ def run(scenario: Scenario | Mapping | str | os.PathLike, *, on_round: Callable[
         score_fn: optional user C3-Score function (see :func:`simkit.metrics.c3_score`).
     """
     with run_gc():
-        p = prepare(scenario)
-        sc, algo = p.scenario, p.algorithm
-        if on_round is not None:
-            orig = algo.maybe_evaluate
+        return _run(scenario, on_round, score_fn)   # its locals (the world) are gone when run_gc collects
 
-            def progress(rnd: int, _orig=orig) -> None:
-                _orig(rnd)
-                on_round(rnd + 1, sc.algorithm.rounds)
 
-            algo.maybe_evaluate = progress
-        run_s = simulate(p)
-        result = _build_result(sc, p.ctx, p.world, p.recorder, p.setup_s + run_s, score_fn)
-        result.models = algo.final_states() if sc.train else {}
-        del p, algo   # the run's world is garbage from here (freed by run_gc)
+def _run(scenario, on_round, score_fn) -> RunResult:
+    p = prepare(scenario)
+    sc, algo = p.scenario, p.algorithm
+    if on_round is not None:
+        orig = algo.maybe_evaluate
+
+        def progress(rnd: int, _orig=orig) -> None:
+            _orig(rnd)
+            on_round(rnd + 1, sc.algorithm.rounds)
+
+        algo.maybe_evaluate = progress
+    run_s = simulate(p)
+    result = _build_result(sc, p.ctx, p.world, p.recorder, p.setup_s + run_s, score_fn)
+    result.models = algo.final_states() if sc.train else {}
     return result
 
 

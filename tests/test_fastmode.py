@@ -129,8 +129,9 @@ def test_a_finished_run_frees_its_world_and_a_run_inside_a_run_keeps_the_freeze(
         return p
 
     monkeypatch.setattr(runmod, "prepare", spy)
-    res = run(base({"name": "splitfed"}))   # real training: models, optimisers, hooks
-    assert res.summary["accuracy_mean"] >= 0 and len(refs) == 4
+    rounds = []
+    res = run(base({"name": "splitfed"}), on_round=lambda *a: rounds.append(a))   # real training; progress hook
+    assert rounds == [(1, 2), (2, 2)] and res.summary["accuracy_mean"] >= 0 and len(refs) == 4
     assert [r() for r in refs] == [None] * 4
     assert gc.get_freeze_count() == 0
     # nested: an inner simulation must not unfreeze what the outer scope froze
