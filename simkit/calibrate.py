@@ -144,13 +144,23 @@ def calibrate(scenario: Scenario, *, min_time: float = 0.3, reps: int = 5) -> Ca
     whole = sm.whole()
     fw = count_flops(whole, tuple(x.shape), backward=True)
     parts.append(PartTiming("whole", fw.fwd + fw.bwd, _time(_train_step_fn(whole, x, y, None), min_time, reps)))
-    # least squares on relative error: minimise sum ((flops/R + o)/t - 1)^2, linear in (1/R, o)
+    return fit(parts)
+
+
+def fit(parts: list[PartTiming]) -> Calibration:
+    """Fit the compute model ``t = flops / R + o`` to measured parts.
+
+    Least squares on the relative error, ``min sum ((flops/R + o)/t - 1)^2`` -- linear in
+    ``(1/R, o)`` -- so each part counts by its ratio, not its absolute time (the whole model would
+    otherwise dominate). If that gives no positive rate (timings dominated by fixed cost), a pure
+    rate through the origin (``R = sum flops / sum t``, ``o = 0``); a negative ``o`` is clipped to 0.
+    """
     A = np.array([[p.flops / p.seconds, 1.0 / p.seconds] for p in parts])
     inv_r, o = np.linalg.lstsq(A, np.ones(len(parts)), rcond=None)[0]
     if inv_r <= 0:  # degenerate (timings dominated by overhead): pure rate fit through the origin
         inv_r, o = sum(p.seconds for p in parts) / sum(p.flops for p in parts), 0.0
     o = max(0.0, float(o))
-    return Calibration(effective_flops=1.0 / float(inv_r), overhead_s=o, parts=parts)
+    return Calibration(effective_flops=1.0 / float(inv_r), overhead_s=o, parts=list(parts))
 
 
 def write_profile(cal: Calibration, path: str | Path, name: str = "host") -> Path:

@@ -3,6 +3,7 @@ calibrate command, and planning straight from a study YAML."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -48,19 +49,38 @@ def test_replay_errors_are_clear(tmp_path):
 
 def test_calibrate_fits_the_compute_model_and_writes_a_loadable_profile(tmp_path):
     from simkit import scenario_from_dict
-    from simkit.calibrate import calibrate, write_profile
+    from simkit.calibrate import calibrate, fit, write_profile
     from simkit.config import load_profile
 
     cal = calibrate(scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}}), min_time=0.03, reps=3)
     assert [p.part for p in cal.parts] == ["client", "server", "whole"]
     assert cal.parts[2].flops > cal.parts[1].flops > cal.parts[0].flops
     assert cal.effective_flops > 1e6 and cal.overhead_s >= 0
-    # the fit reproduces the points it was fitted on to within the stated fidelity (ratios are finite)
-    assert all(0.2 < r < 5 for r in cal.ratios().values())
+    # how close the fit comes depends on this host's timing noise (a benchmark figure,
+    # calibration_error_max, not a test): here only that it is the fit of what was measured
+    refit = fit(cal.parts)
+    assert (refit.effective_flops, refit.overhead_s) == (cal.effective_flops, cal.overhead_s)
+    assert all(math.isfinite(r) and r > 0 for r in cal.ratios().values())
     prof = load_profile(write_profile(cal, tmp_path / "host.yaml"))
     assert prof.peak_flops == cal.effective_flops and prof.efficiency == 1.0
     res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "host.yaml")])
     assert res.exit_code == 0 and "calibration_error_max" in res.output
+
+
+def test_calibration_fit_recovers_a_known_compute_model_exactly():
+    from simkit.calibrate import PartTiming, fit
+
+    rate, over = 2.5e9, 4e-4
+    parts = [PartTiming(n, f, f / rate + over) for n, f in [("client", 1e6), ("server", 3e6), ("whole", 4e6)]]
+    cal = fit(parts)
+    assert math.isclose(cal.effective_flops, rate, rel_tol=1e-9) and math.isclose(cal.overhead_s, over, rel_tol=1e-9)
+    assert all(math.isclose(r, 1.0, rel_tol=1e-9) for r in cal.ratios().values()) and cal.error_max < 1 + 1e-9
+    # noise: one part 20 % slow; the relative least squares spreads the error, none is above 20 %
+    noisy = fit([parts[0], PartTiming("server", 3e6, parts[1].seconds * 1.2), parts[2]])
+    assert 1.0 < noisy.error_max < 1.2
+    # timings that fall as FLOPs grow give no positive rate: a pure rate through the origin
+    flat = fit([PartTiming("client", 1e6, 3e-3), PartTiming("server", 3e6, 2e-3), PartTiming("whole", 4e6, 1e-3)])
+    assert flat.overhead_s == 0.0 and math.isclose(flat.effective_flops, 8e6 / 6e-3, rel_tol=1e-12)
 
 
 def test_plan_runs_a_study_yaml_first_then_reuses_it(tmp_path):
