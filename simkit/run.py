@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -143,6 +144,7 @@ SIMULATION_GC_THRESHOLD = 300_000
 
 #: nesting depth of :func:`run_gc` in this process (its outermost scope freezes and collects)
 _RUN_GC_DEPTH = 0
+_RUN_GC_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -161,22 +163,20 @@ def run_gc():
     unfreezes the rest. Nested scopes (a run inside a run) leave it to the outermost one.
     """
     global _RUN_GC_DEPTH
-    if _RUN_GC_DEPTH:
+    with _RUN_GC_LOCK:   # (runs in threads of one process share the freeze: the first in is the outer one)
+        outer = _RUN_GC_DEPTH == 0
         _RUN_GC_DEPTH += 1
-        try:
-            yield
-        finally:
-            _RUN_GC_DEPTH -= 1
-        return
-    gc.collect(1)
-    gc.freeze()
-    _RUN_GC_DEPTH = 1
+        if outer:
+            gc.collect(1)
+            gc.freeze()
     try:
         yield
     finally:
-        _RUN_GC_DEPTH = 0
-        gc.collect()
-        gc.unfreeze()
+        with _RUN_GC_LOCK:
+            _RUN_GC_DEPTH -= 1
+            if outer:
+                gc.collect()
+                gc.unfreeze()
 
 
 @contextmanager

@@ -143,7 +143,11 @@ def test_a_finished_run_frees_its_world_and_a_run_inside_a_run_keeps_the_freeze(
         assert gc.get_freeze_count() > frozen // 2   # (frozen objects freed by refcount leave the count)
         run({**base({"name": "fedavg"}), "train": False})
         assert gc.get_freeze_count() > frozen // 2
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and runmod._RUN_GC_DEPTH == 0
+    # a failing run unfreezes and leaves the scope too
+    with pytest.raises(SimkitError):
+        run({**base({"name": "fedavg"}), "workload": {"dataset": "nope"}})
+    assert gc.get_freeze_count() == 0 and runmod._RUN_GC_DEPTH == 0
 
 
 def iter_probe(env, seen):
