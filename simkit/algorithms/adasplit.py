@@ -409,7 +409,7 @@ class AdaSplit(Algorithm):
         out: dict[int, tuple[list, ClientState]] = {}
         for key, group in _by_key(active).items():
             orders = [list(self.ctx.epoch_order(c, epoch)) for c in group]
-            new = self._continue_batched(key, group, orders, {"round": epoch, "phase": "local"})
+            new = self._continue_batched(key, group, orders, epoch, phase="local")
             for c, o, st in zip(group, orders, new or ()):
                 out[c.index] = (o, st)
         return out
@@ -419,11 +419,10 @@ class AdaSplit(Algorithm):
         trained at the iteration's barrier: batched per model group where the batcher says so, else
         one after another. Each touches only its own client's backbone, head and optimiser, which
         nothing reads before the barrier, so the weights are those of running each at its start."""
+        idx = {c.index: i for c, i in steps}
         for key, group in _by_key([c for c, _ in steps]).items():
-            idx = {c.index: i for c, i in steps}
             batches = [[idx[c.index]] for c in group]
-            new = self._continue_batched(key, group, batches, {"round": epoch, "phase": "global",
-                                                               "iteration": iteration})
+            new = self._continue_batched(key, group, batches, epoch, phase="global", iteration=iteration)
             if new is None:
                 for c, b in zip(group, batches):
                     self._local_work(c, b[0])()
@@ -431,11 +430,11 @@ class AdaSplit(Algorithm):
                 for c, st in zip(group, new):
                     self._install(c.index, st)
 
-    def _continue_batched(self, key: str, group: list[ClientRuntime], batches: list[list],
-                          entry: dict) -> list[ClientState] | None:
+    def _continue_batched(self, key: str, group: list[ClientRuntime], batches: list[list], epoch: int,
+                          **entry) -> list[ClientState] | None:
         """Each client of model group ``key`` continues its own training through its ``batches``,
         computed together; ``None`` (nothing trained) when the batcher decides against it or the
-        state cannot be batched. The decision is logged with ``entry``'s fields."""
+        state cannot be batched. The decision is logged for ``epoch`` with ``entry``'s fields."""
         use, why = self.batcher.decide(key, len(group))
         new = None
         if use:
@@ -447,7 +446,7 @@ class AdaSplit(Algorithm):
                                              device=self.ctx.tdev)
             except Unsupported as exc:
                 use, why = False, f"unsupported: {exc}"
-        self.batcher.log(entry["round"], key, len(group), use, why, **{k: v for k, v in entry.items() if k != "round"})
+        self.batcher.log(epoch, key, len(group), use, why, **entry)
         return new
 
     def _param_map(self, i: int) -> dict[str, nn.Parameter]:

@@ -180,6 +180,13 @@ class ClientState:
         """The optimiser steps parameter ``name`` has taken."""
         return self.step if self.param_steps is None else self.param_steps.get(name, 0)
 
+    @classmethod
+    def with_steps(cls, params: dict[str, torch.Tensor], steps: dict[str, int],
+                   buffers: dict[str, tuple[torch.Tensor, ...]]) -> ClientState:
+        """An Adam state from each parameter's step count (``param_steps`` kept only where they differ)."""
+        mixed = len(set(steps.values())) > 1
+        return cls(params, max(steps.values(), default=0), buffers, steps if mixed else None)
+
 
 @dataclass
 class ClientJob:
@@ -790,8 +797,7 @@ def continue_local_batched(template: nn.Module, states: Sequence[ClientState], c
                     for k, name in enumerate(prog.names) if buffers and has[k]}
             params = {name: p.clone() for name, p in zip(prog.names, plist)}
             if optimizer.kind == "adam":
-                mixed = len(set(done)) > 1
-                out[i] = ClientState(params, max(done, default=0), bufs, dict(zip(prog.names, done)) if mixed else None)
+                out[i] = ClientState.with_steps(params, dict(zip(prog.names, done)), bufs)
             else:   # SGD keeps no step count (as optimizer_state reads it)
                 out[i] = ClientState(params, states[i].step, bufs, states[i].param_steps)
     return out
@@ -871,9 +877,7 @@ def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
                 steps[name] = 0
         elif stt.get("momentum_buffer") is not None:
             bufs[name] = (own(stt["momentum_buffer"]),)
-    mixed = len(set(steps.values())) > 1
-    return ClientState({n: own(p) for n, p in params.items()}, max(steps.values(), default=0), bufs,
-                       steps if mixed else None)
+    return ClientState.with_steps({n: own(p) for n, p in params.items()}, steps, bufs)
 
 
 def train_local_sequential(template: nn.Module, start_state: dict[str, torch.Tensor], clients: Sequence[ClientJob],
