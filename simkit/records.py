@@ -11,6 +11,9 @@ from collections import defaultdict
 from typing import NamedTuple
 
 
+_tnew = tuple.__new__
+
+
 class ComputeRecord(NamedTuple):
     device: str
     start: float
@@ -118,7 +121,8 @@ class Recorder:
             self.flops_by_device[device] += flops
             self.flops_by_tag[tag] += flops
         if self.timeline:
-            self.lists["compute"].append(ComputeRecord(device, start, end, flops, tag, self.round, status))
+            # (tuple.__new__: what the NamedTuple's own __new__ does, without its Python-level frame)
+            self.lists["compute"].append(_tnew(ComputeRecord, (device, start, end, flops, tag, self.round, status)))
 
     def transfer(self, flow: int, src: str, dst: str, nbytes: float, start: float, data_start: float,
                  end: float, tag: str, status: str = "delivered") -> None:
@@ -128,7 +132,7 @@ class Recorder:
             self.bytes_received[dst] += nbytes
         if self.timeline:
             self.lists["transfer"].append(
-                TransferRecord(flow, src, dst, nbytes, start, data_start, end, tag, self.round, status))
+                _tnew(TransferRecord, (flow, src, dst, nbytes, start, data_start, end, tag, self.round, status)))
 
     def state(self, device: str, time: float, state: str, detail: str = "") -> None:
         self.lists["state"].append(StateRecord(device, time, state, detail))

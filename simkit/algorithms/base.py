@@ -33,6 +33,7 @@ from simkit.learning.models import build_mixed_models, build_split_model, model_
 from simkit.learning.partition import ClientData, partition
 from simkit.records import Recorder
 from simkit.rng import SeedTree
+from simkit.world.chain import Chain
 from simkit.world.devices import Device, DeviceOff
 from simkit.world.fleet import World
 from simkit.world.network import TransferAborted
@@ -112,6 +113,7 @@ class Context:
         self.flops_client_bwd = 0.0
         self.flops_server = 0.0
         self._flop_cache: dict = {}
+        self._split_costs: dict = {}
         self._sizes: dict[int, tuple[int, ...]] = {}   # fast mode: n_train -> its mini-batch sizes
         self.finished: dict[str, int] = {}  # client -> rounds it completed
         self._build_workload()
@@ -225,6 +227,19 @@ class Context:
             self._flop_cache[ck] = fc
         return fc
 
+    def split_costs(self, key: str, batch: int) -> tuple[float, float, float, int, int]:
+        """A split step's costs at ``batch``, for client part ``key`` (cached per run): client
+        forward FLOPs, client backward FLOPs, server step FLOPs (forward + backward, with the
+        input gradient), bytes up (activations + labels) and bytes down (their gradient)."""
+        ck = (key, batch)
+        v = self._split_costs.get(ck)
+        if v is None:
+            cf = self.flops(self.client_templates[key], "client", key, batch, input_grad=False)
+            sf = self.flops(self.server_template, "server", key, batch, input_grad=True)
+            v = self._split_costs[ck] = (cf.fwd, cf.bwd, sf.fwd + sf.bwd, self.act_bytes(batch),
+                                         self.act_bytes(batch, with_labels=False))
+        return v
+
     def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                   with_labels: bool = True) -> int:
         """Bytes of a batch's cut activations (and its int64 labels if ``with_labels``): from the
@@ -253,6 +268,12 @@ class Context:
     def send(self, src: Device, dst: Device, nbytes: float, tag: str):
         """Transfer event of one message (payload + per-message overhead)."""
         return self.world.network.transfer(src.node, dst.node, nbytes + self.overhead, tag=tag)
+
+    def chain(self) -> Chain:
+        """Phases of the calling process from now on, to simulate with one event when nothing else
+        can happen meanwhile (:mod:`simkit.world.chain`). Its sends are between nodes, and their
+        sizes include the per-message overhead (which :meth:`send` adds)."""
+        return Chain(self.env, self.world.network)
 
     # -- availability ------------------------------------------------------------------------
     def available(self, client: ClientRuntime, rnd: int) -> bool:

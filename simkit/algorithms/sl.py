@@ -27,20 +27,9 @@ from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_
 from simkit.algorithms.batching import warn_not_batchable
 
 
-def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
-               *, real: bool | None = None):
-    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``).
-
-    ``real`` (default: whether the run trains): run the torch work. Without it the step costs the
-    same (compute, transfers of the sizes the tensors would have: :meth:`Context.act_bytes`) and
-    changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead)."""
-    if real is None:
-        real = ctx.train
-    b = batch_len(idx)
-    cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
-    sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-    x, y = (c.x_train[idx], c.y_train[idx]) if real else (None, None)
-    server = ctx.world.server
+def _torch_phases(cmodel: nn.Module, copt, smodel: nn.Module, sopt, x: torch.Tensor, y: torch.Tensor):
+    """The torch work of a split step's three computes: client forward (returns the detached cut
+    activations), server step (takes them, returns their gradient), client backward (takes it)."""
     box = {}
 
     def forward():
@@ -48,10 +37,7 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         box["a"] = cmodel(x)
         return box["a"].detach()
 
-    act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward if real else None)
-    yield ctx.send(c.device, server, ctx.act_bytes(b, act=act, labels=y), "act_up")
-
-    def server_step():
+    def server_step(act):
         a = act.clone().requires_grad_(True)
         sopt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(smodel(a), y)
@@ -59,14 +45,60 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         sopt.step()
         return a.grad
 
-    grad = yield from ctx.server_compute(sf.fwd + sf.bwd, "server_step", server_step if real else None)
-    yield ctx.send(server, c.device, ctx.act_bytes(b, act=grad, with_labels=False), "grad_down")
-
-    def backward():
+    def backward(grad):
         box["a"].backward(grad)
         copt.step()
 
-    yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward if real else None)
+    return forward, server_step, backward
+
+
+def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
+               *, real: bool | None = None):
+    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``).
+
+    ``real`` (default: whether the run trains): run the torch work. Without it the step costs the
+    same (compute, transfers of the sizes the tensors would have: :meth:`Context.act_bytes`) and
+    changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead).
+
+    When nothing else can happen in the world until the step ends (the usual case in vanilla SL,
+    where clients take turns), its five phases are simulated as one chain
+    (:mod:`simkit.world.chain`): the same instants, records and energy, one SimPy event instead
+    of about ten; the torch work of the three computes then runs back to back, in order."""
+    real = ctx.train if real is None else (real and ctx.train)   # (client_compute runs work only when training)
+    b = batch_len(idx)
+    cfwd, cbwd, srv_flops, up, down = ctx.split_costs(c.key, b)   # up/down: what the tensors will weigh
+    server = ctx.world.server
+    dev = c.device
+    if real:
+        y = c.y_train[idx]
+        forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, c.x_train[idx], y)
+
+    chain = ctx.chain()   # (the sums of FLOPs and bytes are those client_compute and send make)
+    if (chain.compute(dev, cfwd + 0.0, "client_fwd") and chain.send(dev.node, server.node, up + ctx.overhead, "act_up")
+            and chain.compute(server, srv_flops, "server_step")
+            and chain.send(server.node, dev.node, down + ctx.overhead, "grad_down")
+            and chain.compute(dev, 0.0 + cbwd, "client_bwd") and chain.clear()):
+        if real:
+            act = forward()
+            grad = server_step(act)
+            sizes = ctx.act_bytes(b, act=act, labels=y), ctx.act_bytes(b, act=grad, with_labels=False)
+            if sizes != (up, down):
+                raise RuntimeError(f"split step of {c.name}: the cut tensors weigh {sizes} bytes, not the "
+                                   f"{(up, down)} the cut shape gives (a simkit bug)")
+            backward(grad)
+        yield chain.commit()
+        ctx.flops_client_fwd += cfwd   # as client_compute and server_compute count them, in order
+        ctx.flops_client_bwd += 0.0
+        ctx.flops_server += srv_flops
+        ctx.flops_client_fwd += 0.0
+        ctx.flops_client_bwd += cbwd
+        return
+
+    act = yield from ctx.client_compute(c, cfwd, 0.0, "client_fwd", forward if real else None)
+    yield ctx.send(dev, server, ctx.act_bytes(b, act=act, labels=y) if real else up, "act_up")
+    grad = yield from ctx.server_compute(srv_flops, "server_step", (lambda: server_step(act)) if real else None)
+    yield ctx.send(server, dev, ctx.act_bytes(b, act=grad, with_labels=False) if real else down, "grad_down")
+    yield from ctx.client_compute(c, 0.0, cbwd, "client_bwd", (lambda: backward(grad)) if real else None)
 
 
 class SplitLearning(Algorithm):
@@ -101,7 +133,12 @@ class SplitLearning(Algorithm):
         try:
             prev = self.holder[c.key]
             if prev is not None and prev is not c:
-                yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")
+                chain = ctx.chain()   # alone on the network, as usual: one event instead of three
+                if (chain.send(prev.device.node, c.device.node, self.client_bytes[c.key] + ctx.overhead, "relay")
+                        and chain.clear()):
+                    yield chain.commit()
+                else:
+                    yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")
             model = self.workers[c.key]
             opt = None
             if ctx.train:

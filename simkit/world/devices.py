@@ -167,6 +167,24 @@ class Device:
                 self._cancel(ev)
             self._running.discard(proc)
 
+    # -- chains (simkit.world.chain) ---------------------------------------------------------
+    def free_now(self) -> bool:
+        """Would a compute started now take a slot at once and leave the battery check alone?
+        (On, a slot free and nobody queued, the meter not near empty.)"""
+        return self.on and self.busy < self.slots and not self._queue and not self._urgent and not self.meter._near
+
+    def replay_compute(self, start: float, end: float, flops: float, tag: str) -> None:
+        """Account a compute of ``flops`` that held a slot from ``start`` to ``end`` (both past or
+        now): what :meth:`computing` does at those instants -- the meter's state changes and the
+        record -- without the SimPy events. Only for :class:`~simkit.world.chain.Chain`, which
+        checked :meth:`free_now` and that nothing else happens in between; it sets the clock."""
+        env, meter = self.env, self.meter
+        env._now = start
+        meter.compute_begin()
+        env._now = end
+        meter.compute_end()
+        self.recorder.compute(self.name, start, end, flops, tag)
+
     # -- on / off ----------------------------------------------------------------------------
     def power_off(self, reason: str, *, permanent: bool = False) -> None:
         """Switch the device off now: energy stops, running computes are interrupted."""

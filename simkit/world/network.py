@@ -566,6 +566,7 @@ class Network:
         self._rev: dict[int, _Tree] = {}
         self._dst_uses: dict[int, int] = {}
         self._epoch = 0                               # bumped whenever the route cache is dropped
+        self._solo: dict[tuple, tuple] = {}           # solo_times' look-ups by (src, dst); with the routes
 
         # flow state
         self._ids = count()
@@ -771,6 +772,7 @@ class Network:
         if not _positive_real(bps):
             raise ValueError(f"capacity of {u!r}->{v!r} must be a finite bandwidth_bps > 0, got {bps!r}")
         self._cap[li] = float(bps)
+        self._solo.clear()
         self._dirty[li] = None
         self._request_recompute()
 
@@ -845,6 +847,7 @@ class Network:
 
     def _invalidate_routes(self) -> None:
         self._pairs.clear()
+        self._solo.clear()
         self._fwd.clear()
         self._rev.clear()
         self._epoch += 1
@@ -973,6 +976,76 @@ class Network:
             if node == target:
                 return key
         return None
+
+    # -- solo transfers (simkit.world.chain) --------------------------------------------------------
+    def solo_times(self, src: Hashable, dst: Hashable, nbytes: float, start: float) -> tuple | None:
+        """If a transfer requested at ``start`` (now, or later with nothing happening meanwhile)
+        would be alone on the network: ``(route, data_start, end, rate, sender's meter, receiver's
+        meter)``, the instants and rate :meth:`transfer` would give it, to the bit. ``None`` where that cannot be told without
+        running it: other flows open or a recomputation queued, a completion timer pending,
+        ``incremental`` off, no route now, an end node's meter near empty (its battery check
+        moves with the radio), ``nbytes`` not a positive number, or ``src == dst``.
+
+        Alone, the flow waits the route's latency ``L`` and then sends at the least capacity on its
+        route ``b`` (:meth:`_join_local`, every edge its own): ``data_start = start + L``, finish
+        ``fin = data_start + nbytes * 8 / b``, delivered when the completion timer armed at
+        ``data_start`` fires, ``data_start + (fin - data_start)`` (:meth:`_arm_timer`).
+        """
+        if self._open or self._timer is not None or self._pending or self._dirty or not self.incremental:
+            return None
+        t = type(nbytes)
+        if not ((t is float or t is int) and 0 < nbytes <= _MAX_FLOAT):
+            return None
+        pair = self._solo.get((src, dst))
+        if pair is None:   # route, its latency and least capacity, the end nodes' meters
+            si = self._nidx.get(src)
+            di = self._nidx.get(dst)
+            if si is None or di is None or si == di:
+                return None
+            route = self._route_idx(si, di)
+            if route is None:
+                return None
+            meters = self.meters
+            pair = self._solo[(src, dst)] = (route, route[3], min(map(self._cap.__getitem__, route[2])),
+                                             meters.get(src), meters.get(dst))
+        route, latency, b, mtx, mrx = pair
+        if (mtx is not None and mtx._near) or (mrx is not None and mrx._near):
+            return None
+        ds = start + latency if latency > 0 else start
+        fin = ds + float(nbytes) * 8.0 / b
+        return route, ds, (ds + (fin - ds) if fin > ds else ds), b, mtx, mrx
+
+    def replay_solo(self, src: Hashable, dst: Hashable, nbytes: float, tag: str, start: float,
+                    times: tuple) -> None:
+        """Account a transfer that :meth:`solo_times` timed (``times``) as delivered: the flow id,
+        link bytes, counters, the end nodes' radio states at ``data_start`` and ``end``, and the
+        record -- what :meth:`transfer` and its events do, without the events. Only for
+        :class:`~simkit.world.chain.Chain`, which checked that nothing else happens until the end;
+        it sets the clock."""
+        route, ds, end, _, mtx, mrx = times
+        nbytes = float(nbytes)
+        fid = next(self._ids)
+        lb = self._link_bytes
+        for li in route[2]:
+            lb[li] += nbytes
+        if self._max_util < 1.0:   # the flow fills its bottleneck (_join_local: util 1)
+            self._max_util = 1.0
+        self._delivered += 1
+        self._bytes_delivered += nbytes
+        self._heap_changed = False   # (as _arm_timer leaves it after the completion)
+        env = self.env
+        env._now = ds
+        if mtx is not None:
+            mtx.tx_begin()
+        if mrx is not None:
+            mrx.rx_begin()
+        env._now = end
+        if mtx is not None:
+            mtx.tx_end()
+        if mrx is not None:
+            mrx.rx_end()
+        if self.recorder is not None:
+            self.recorder.transfer(fid, src, dst, nbytes, start, ds, end, tag, "delivered")
 
     # -- flow life cycle --------------------------------------------------------------------------
     def _begin_latency(self, f: Flow, route: tuple) -> None:
