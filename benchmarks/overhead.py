@@ -19,6 +19,11 @@ Wall-clock noise here is about +-10%, so a second, precise figure is measured to
 (``train: false``: the same protocol, events, records and energy accounting, no tensors) -- giving
 the predicted ratio ``1 + added cost per step / bare step time``.
 
+Split steps are simulated as one event each when nothing else can happen meanwhile (chains,
+:mod:`simkit.world.chain`; vanilla SL chains every step). The SL rows also print the added cost
+with chains off (``Chain.enabled = False``, the phase-by-phase events; same results to the bit),
+measured in the same run, and their ratio.
+
 Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3] [--json FILE]
 """
 
@@ -41,6 +46,7 @@ from simkit.algorithms.base import Context, average_states
 from simkit.records import Recorder
 from simkit.rng import SeedTree
 from simkit.run import simulation_gc
+from simkit.world.chain import Chain
 from simkit.world.fleet import build_world
 
 
@@ -148,6 +154,15 @@ def time_noop(algo, n, rounds) -> float:
     return dt / steps
 
 
+def time_noop_unchained(algo, n, rounds) -> float:
+    """:func:`time_noop` with chains off: every phase of a split step its own events."""
+    Chain.enabled = False
+    try:
+        return time_noop(algo, n, rounds)
+    finally:
+        Chain.enabled = True
+
+
 def time_simkit(algo, n, rounds) -> tuple[float, int]:
     return run_simkit(algo, n, rounds, train=True)
 
@@ -183,7 +198,12 @@ def main(argv=None) -> dict:
                 sim.append(s)
                 ratios.append(s / b)
             fb, fs, fr = stats(bare), stats(sim), stats(ratios)
-            added = statistics.median(time_noop(algo, n, rounds) for _ in range(args.reps))
+            noop, unchained = [], []
+            for _ in range(args.reps):   # chains on and off alternating (paired)
+                noop.append(time_noop(algo, n, rounds))
+                if algo == "sl":
+                    unchained.append(time_noop_unchained(algo, n, rounds))
+            added = statistics.median(noop)
             bare_step = fb[1] / steps
             predicted = 1 + added / bare_step
             print(f"{algo:8} {n:>4} {steps:>6} {fb[0]:7.3f}/{fb[1]:7.3f}/{fb[2]:7.3f} "
@@ -192,6 +212,11 @@ def main(argv=None) -> dict:
             out[f"{algo}_ratio_n{n}"] = fr[1]
             out[f"{algo}_predicted_n{n}"] = predicted
             out[f"{algo}_added_us_n{n}"] = added * 1e6
+            if unchained:
+                off = statistics.median(unchained)
+                print(f"{'':8} {'':>4} chains off: added {off * 1e6:.1f} us/step, predicted "
+                      f"{1 + off / bare_step:.4f}; chains save {off / added:.2f}x of the added cost")
+                out[f"{algo}_added_us_unchained_n{n}"] = off * 1e6
     # the issue's figures are the split-learning step (the protocol with the most events per step)
     for n in clients:
         out[f"overhead_ratio_n{n}"] = out[f"sl_ratio_n{n}"]
