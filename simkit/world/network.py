@@ -981,10 +981,12 @@ class Network:
     def solo_times(self, src: Hashable, dst: Hashable, nbytes: float, start: float) -> tuple | None:
         """If a transfer requested at ``start`` (now, or later with nothing happening meanwhile)
         would be alone on the network: ``(route, data_start, end, rate, sender's meter, receiver's
-        meter)``, the instants and rate :meth:`transfer` would give it, to the bit. ``None`` where that cannot be told without
-        running it: other flows open or a recomputation queued, a completion timer pending,
-        ``incremental`` off, no route now, an end node's meter near empty (its battery check
-        moves with the radio), ``nbytes`` not a positive number, or ``src == dst``.
+        meter)``, the instants and rate :meth:`transfer` would give it, to the bit. ``None`` where
+        that cannot be told without running it: other flows open or a recomputation queued, a
+        completion timer pending, ``incremental`` off, no route now, an end node's meter near
+        empty (its battery check moves with the radio), ``nbytes`` not a positive number, or
+        ``src == dst``. The route and its least capacity are cached by end nodes, dropped with the
+        routes and whenever a capacity changes.
 
         Alone, the flow waits the route's latency ``L`` and then sends at the least capacity on its
         route ``b`` (:meth:`_join_local`, every edge its own): ``data_start = start + L``, finish
