@@ -105,11 +105,10 @@ def test_sl_with_faults_battery_and_dropouts_chains_only_where_nothing_interleav
     chains.update(commit=0, refused=0)
     on, off = both(sc, monkeypatch)
     assert chains["commit"] > 0 and chains["refused"] > 0   # both paths taken
-    states = on.records["state"]
-    assert {"battery_empty", "crash"} <= set(states.detail) | set(states.state)
-    grads = on.records["transfer"].query("dst == 'rpi4-0' and tag == 'grad_down'")
-    assert (grads.status == "dropped").any() or len(grads) < len(clean.records["transfer"].query(
-        "dst == 'rpi4-0' and tag == 'grad_down'"))
+    states = on.records["state"].set_index("device")
+    assert states.loc["rpi4-0", "detail"] == "crash" and states.loc["phone-midrange-0", "detail"] == "battery_empty"
+    drops = on.records["dropout"]   # the step in flight was cut: its client backward found rpi4-0 off
+    assert ((drops.device == "rpi4-0") & (drops.reason == "mid_round")).any()
     assert_identical(on, off)
 
 
