@@ -22,9 +22,9 @@ from simkit.world.network import Network
 
 
 # -- whole runs, chains on and off ------------------------------------------------------------------
-def scenario(algo: dict, *, train: bool = True, faults=(), rounds: int = 2, **fleet) -> dict:
+def scenario(algo: dict, *, train: bool = True, faults=(), rounds: int = 2, workload=None, **fleet) -> dict:
     return {"fleet": {"counts": {"rpi4": 2, "phone-midrange": 2}, **fleet}, "topology": {"kind": "two_tier"},
-            "workload": {"max_samples": 64, "batch_size": 16}, "train": train,
+            "workload": {"max_samples": 64, "batch_size": 16, **(workload or {})}, "train": train,
             "algorithm": {"rounds": rounds, **algo}, "faults": list(faults)}
 
 
@@ -72,10 +72,16 @@ def assert_identical(a, b) -> None:
             assert torch.equal(v, b.models[part][k]), (part, k)
 
 
-def test_sl_run_with_chains_is_the_phase_by_phase_run(chains, monkeypatch):
+@pytest.mark.parametrize("workload", [
+    pytest.param(None, id="digits-float32"),
+    # two model groups (each relays its own client part) and 8-byte activations
+    pytest.param({"dtype": "float64", "partition": {"kind": "mixed", "datasets": ["digits", "mnist1d"]}},
+                 id="mixed-float64"),
+])
+def test_sl_run_with_chains_is_the_phase_by_phase_run(workload, chains, monkeypatch):
     # real training; phones on LTE (radio tails), Wi-Fi boards, two local epochs; every step and
     # relay of vanilla SL is alone in the world, so all of them chain
-    on, off = both(scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}), monkeypatch)
+    on, off = both(scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}, workload=workload), monkeypatch)
     assert chains["commit"] > 0 and chains["refused"] == 0
     steps = (on.records["compute"].tag == "client_fwd").sum()
     relays = (on.records["transfer"].tag == "relay").sum()
