@@ -164,7 +164,7 @@ def step(env, net, devs, use_chain: bool):
     a, s = devs["a"], devs["s"]
     if use_chain:
         chain = Chain(env, net)
-        ok = (chain.compute(a, 1e9, "fwd") and chain.send("a", "s", 10_000, "up")
+        ok = (chain.compute(a, 1e9, "fwd") and chain.send(a, s, 10_000, "up")
               and chain.compute(s, 1e9, "srv") and chain.clear())
         assert ok
         yield chain.commit()
@@ -222,9 +222,9 @@ def test_random_chains_equal_their_phases_to_the_bit(wait, flops, nbytes, latenc
             yield env.timeout(wait)
             if use_chain:
                 chain = Chain(env, net)
-                assert (chain.send("s", "a", nbytes, "relay") and chain.compute(a, flops, "fwd")
-                        and chain.send("a", "s", nbytes, "up") and chain.compute(s, flops / 3, "srv")
-                        and chain.send("s", "a", nbytes // 2 + 1, "down") and chain.clear())
+                assert (chain.send(s, a, nbytes, "relay") and chain.compute(a, flops, "fwd")
+                        and chain.send(a, s, nbytes, "up") and chain.compute(s, flops / 3, "srv")
+                        and chain.send(s, a, nbytes // 2 + 1, "down") and chain.clear())
                 yield chain.commit()
             else:
                 yield net.transfer("s", "a", nbytes, tag="relay")
@@ -240,14 +240,14 @@ def test_random_chains_equal_their_phases_to_the_bit(wait, flops, nbytes, latenc
     assert out[0] == out[1]
 
 
-def test_a_chain_steps_aside_for_anything_that_could_interleave():
+def test_a_chain_steps_aside_for_anything_that_could_interleave(monkeypatch):
     env = simpy.Environment()
     rec, net, devs, meters = small_world(env)
     a, s = devs["a"], devs["s"]
 
     def plan():
         chain = Chain(env, net)
-        return (chain.compute(a, 1e9, "fwd") and chain.send("a", "s", 10_000, "up")
+        return (chain.compute(a, 1e9, "fwd") and chain.send(a, s, 10_000, "up")
                 and chain.compute(s, 1e9, "srv") and chain.clear())
 
     assert plan()
@@ -256,7 +256,7 @@ def test_a_chain_steps_aside_for_anything_that_could_interleave():
     env2 = simpy.Environment()
     _, net2, devs2, _ = small_world(env2)
     net2.transfer("s", "a", 1_000)   # another flow open: the send cannot be timed alone
-    assert not Chain(env2, net2).send("a", "s", 10_000, "up")
+    assert not Chain(env2, net2).send(devs2["a"], devs2["s"], 10_000, "up")
     a.busy = a.slots                 # no free slot
     assert not Chain(env, net).compute(a, 1e9, "fwd")
     a.busy = 0
@@ -265,12 +265,9 @@ def test_a_chain_steps_aside_for_anything_that_could_interleave():
     env3.run(until=0.97)   # 3 % left: the battery check follows the current power
     assert meters3["a"]._near and devs3["a"].on
     assert not Chain(env3, net3).compute(devs3["a"], 1e9, "fwd")
-    assert not Chain(env3, net3).send("a", "s", 10_000, "up")
-    Chain.enabled = False
-    try:
-        env4 = simpy.Environment()
-        _, net4, devs4, _ = small_world(env4)
-        chain = Chain(env4, net4)
-        assert chain.compute(devs4["a"], 1e9, "fwd") and not chain.clear()
-    finally:
-        Chain.enabled = True
+    assert not Chain(env3, net3).send(devs3["a"], devs3["s"], 10_000, "up")
+    monkeypatch.setattr(Chain, "enabled", False)
+    env4 = simpy.Environment()
+    _, net4, devs4, _ = small_world(env4)
+    chain = Chain(env4, net4)
+    assert chain.compute(devs4["a"], 1e9, "fwd") and not chain.clear()

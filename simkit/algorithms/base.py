@@ -230,14 +230,15 @@ class Context:
     def split_costs(self, key: str, batch: int) -> tuple[float, float, float, int, int]:
         """A split step's costs at ``batch``, for client part ``key`` (cached per run): client
         forward FLOPs, client backward FLOPs, server step FLOPs (forward + backward, with the
-        input gradient), bytes up (activations + labels) and bytes down (their gradient)."""
+        input gradient), all as floats (as :meth:`client_compute` sums them), then bytes up
+        (activations + labels) and bytes down (their gradient)."""
         ck = (key, batch)
         v = self._split_costs.get(ck)
         if v is None:
             cf = self.flops(self.client_templates[key], "client", key, batch, input_grad=False)
             sf = self.flops(self.server_template, "server", key, batch, input_grad=True)
-            v = self._split_costs[ck] = (cf.fwd, cf.bwd, sf.fwd + sf.bwd, self.act_bytes(batch),
-                                         self.act_bytes(batch, with_labels=False))
+            v = self._split_costs[ck] = (float(cf.fwd), float(cf.bwd), float(sf.fwd + sf.bwd),
+                                         self.act_bytes(batch), self.act_bytes(batch, with_labels=False))
         return v
 
     def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -271,9 +272,9 @@ class Context:
 
     def chain(self) -> Chain:
         """Phases of the calling process from now on, to simulate with one event when nothing else
-        can happen meanwhile (:mod:`simkit.world.chain`). Its sends are between nodes, and their
-        sizes include the per-message overhead (which :meth:`send` adds)."""
-        return Chain(self.env, self.world.network)
+        can happen meanwhile (:mod:`simkit.world.chain`); its sends add the per-message overhead,
+        as :meth:`send` does."""
+        return Chain(self.env, self.world.network, overhead=self.overhead)
 
     # -- availability ------------------------------------------------------------------------
     def available(self, client: ClientRuntime, rnd: int) -> bool:

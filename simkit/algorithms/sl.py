@@ -73,11 +73,10 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
         y = c.y_train[idx]
         forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, c.x_train[idx], y)
 
-    chain = ctx.chain()   # (the sums of FLOPs and bytes are those client_compute and send make)
-    if (chain.compute(dev, cfwd + 0.0, "client_fwd") and chain.send(dev.node, server.node, up + ctx.overhead, "act_up")
-            and chain.compute(server, srv_flops, "server_step")
-            and chain.send(server.node, dev.node, down + ctx.overhead, "grad_down")
-            and chain.compute(dev, 0.0 + cbwd, "client_bwd") and chain.clear()):
+    chain = ctx.chain()
+    if (chain.compute(dev, cfwd, "client_fwd") and chain.send(dev, server, up, "act_up")
+            and chain.compute(server, srv_flops, "server_step") and chain.send(server, dev, down, "grad_down")
+            and chain.compute(dev, cbwd, "client_bwd") and chain.clear()):
         if real:
             act = forward()
             grad = server_step(act)
@@ -87,10 +86,8 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
                                    f"{(up, down)} the cut shape gives (a simkit bug)")
             backward(grad)
         yield chain.commit()
-        ctx.flops_client_fwd += cfwd   # as client_compute and server_compute count them, in order
-        ctx.flops_client_bwd += 0.0
+        ctx.flops_client_fwd += cfwd   # as client_compute and server_compute count them
         ctx.flops_server += srv_flops
-        ctx.flops_client_fwd += 0.0
         ctx.flops_client_bwd += cbwd
         return
 
@@ -134,8 +131,7 @@ class SplitLearning(Algorithm):
             prev = self.holder[c.key]
             if prev is not None and prev is not c:
                 chain = ctx.chain()   # alone on the network, as usual: one event instead of three
-                if (chain.send(prev.device.node, c.device.node, self.client_bytes[c.key] + ctx.overhead, "relay")
-                        and chain.clear()):
+                if chain.send(prev.device, c.device, self.client_bytes[c.key], "relay") and chain.clear():
                     yield chain.commit()
                 else:
                     yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")

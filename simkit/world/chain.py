@@ -31,8 +31,6 @@ in between, so the order of updates to shared state (server weights) is the same
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import simpy
 
 from simkit.world.devices import Device
@@ -54,11 +52,12 @@ class Chain:
     #: False: :meth:`clear` always says no (every phase runs as its own events)
     enabled = True
 
-    __slots__ = ("env", "network", "t", "ops", "last")
+    __slots__ = ("env", "network", "overhead", "t", "ops", "last")
 
-    def __init__(self, env: simpy.Environment, network):
+    def __init__(self, env: simpy.Environment, network, *, overhead: float = 0):
         self.env = env
         self.network = network
+        self.overhead = overhead   # bytes added to every send (a protocol's per-message overhead)
         self.t = env._now      # when the phases so far end
         self.ops: list = []
         self.last = None       # (base, delay): the final event is `delay` after `base`
@@ -75,13 +74,14 @@ class Chain:
         self.last = (t, delay)
         return True
 
-    def send(self, src: Hashable, dst: Hashable, nbytes: float, tag: str) -> bool:
-        """A transfer of ``nbytes`` from node ``src`` to node ``dst`` after the phases so far (as
-        ``network.transfer``; the caller adds any per-message overhead)."""
-        times = self.network.solo_times(src, dst, nbytes, self.t)
+    def send(self, src: Device, dst: Device, nbytes: float, tag: str) -> bool:
+        """A message of ``nbytes`` (plus the chain's ``overhead``) from device ``src`` to ``dst``
+        after the phases so far (as ``network.transfer`` between their nodes)."""
+        nbytes = nbytes + self.overhead
+        times = self.network.solo_times(src.node, dst.node, nbytes, self.t)
         if times is None:
             return False
-        self.ops.append((_SEND, src, dst, nbytes, tag, self.t, times))
+        self.ops.append((_SEND, src.node, dst.node, nbytes, tag, self.t, times))
         self.t = times[2]
         self.last = (times[2], 0.0)   # the delivery event is scheduled when the flow completes
         return True

@@ -980,8 +980,8 @@ class Network:
     # -- solo transfers (simkit.world.chain) --------------------------------------------------------
     def solo_times(self, src: Hashable, dst: Hashable, nbytes: float, start: float) -> tuple | None:
         """If a transfer requested at ``start`` (now, or later with nothing happening meanwhile)
-        would be alone on the network: ``(route, data_start, end, rate, sender's meter, receiver's
-        meter)``, the instants and rate :meth:`transfer` would give it, to the bit. ``None`` where
+        would be alone on the network: ``(route, data_start, end, sender's meter, receiver's
+        meter)``, the instants :meth:`transfer` would give it, to the bit. ``None`` where
         that cannot be told without running it: other flows open or a recomputation queued, a
         completion timer pending, ``incremental`` off, no route now, an end node's meter near
         empty (its battery check moves with the radio), ``nbytes`` not a positive number, or
@@ -1015,7 +1015,7 @@ class Network:
             return None
         ds = start + latency if latency > 0 else start
         fin = ds + float(nbytes) * 8.0 / b
-        return route, ds, (ds + (fin - ds) if fin > ds else ds), b, mtx, mrx
+        return route, ds, (ds + (fin - ds) if fin > ds else ds), mtx, mrx
 
     def replay_solo(self, src: Hashable, dst: Hashable, nbytes: float, tag: str, start: float,
                     times: tuple) -> None:
@@ -1024,7 +1024,7 @@ class Network:
         record -- what :meth:`transfer` and its events do, without the events. Only for
         :class:`~simkit.world.chain.Chain`, which checked that nothing else happens until the end;
         it sets the clock."""
-        route, ds, end, _, mtx, mrx = times
+        route, ds, end, mtx, mrx = times
         nbytes = float(nbytes)
         fid = next(self._ids)
         lb = self._link_bytes
