@@ -544,8 +544,11 @@ def test_maxmin_rounds_equals_the_reference_to_the_bit(case):
 
 class PlainNetwork(Network):
     """The network with its shortcuts replaced by their plain statements: every small component shared by
-    :func:`maxmin_reference` (utilisation summed as the reference path always did), and every flow checked
-    for being done at every recomputation. Runs must agree with :class:`Network` to the bit."""
+    :func:`maxmin_reference` (utilisation summed as the reference path always did), every flow checked
+    for being done at every recomputation, and every delivery scheduled as an event (a chained send
+    starts from its delivery's callback). Runs must agree with :class:`Network` to the bit."""
+
+    inline_delivery = False
 
     def _share_small(self, keep, links, inc, now):
         cap = self._cap
@@ -800,6 +803,50 @@ def test_lone_flows_join_and_end_without_a_recomputation(env, log):
     assert log == [("b", "done", 1.5), ("a", "done", 2.0)]
     assert net.stats.recomputations == 0
     assert net.stats.max_utilisation == 1.0
+
+
+def test_finish_times_made_stale_by_rate_changes_are_dropped_in_bulk(env, log):
+    # 300 flows of 1 MB join one 1 MB/s edge 10 ms apart: every join re-rates every active flow,
+    # leaving its old finish time behind in the heap (~45,000 such entries by the end). The heap
+    # must stay within its bound (4 x active flows + 256, plus the entries pushed since the last
+    # clean-up), and the completions must be processor sharing's, computed here exactly.
+    n, gap = 300, Fraction(1, 100)
+    g = nx.DiGraph()
+    duplex(g, "a", "b", MBPS)
+    net = Network(env, g)
+    for i in range(n):
+        env.process(sender(env, net, log, i, "a", "b", 1 * MB, at=float(i * gap)))
+    sizes = []
+
+    def probe():
+        while net.stats.delivered < n:
+            sizes.append((len(net._heap), sum(f.status == "active" for f in net.active_flows)))
+            yield env.timeout(0.05)
+
+    env.process(probe())
+    env.run(until=400)   # (the last flow ends at ~300 s)
+    # exact processor sharing: k flows share 1 MB/s, so each gets 1/k MB/s
+    left, t, ends, nxt = {}, Fraction(0), {}, 0
+    while len(ends) < n:
+        arrive = nxt * gap if nxt < n else None
+        k = len(left)
+        finish = t + min(left.values()) * k if k else None
+        if arrive is not None and (finish is None or arrive < finish):
+            for j in left:
+                left[j] -= (arrive - t) / k
+            t, left[nxt] = arrive, Fraction(1)
+            nxt += 1
+        else:
+            for j in left:
+                left[j] -= (finish - t) / k
+            t = finish
+            for j in [j for j, b in left.items() if b == 0]:
+                ends[j] = t
+                del left[j]
+    assert [(name, ev) for name, ev, _ in log] == [(i, "done") for i in range(n)]
+    assert [t for *_, t in log] == [pytest.approx(float(ends[i]), rel=1e-9) for i in range(n)]
+    assert max(active for _, active in sizes) > 100
+    assert all(h <= 5 * a + 256 for h, a in sizes), max(sizes)
 
 
 def test_a_join_that_takes_capacity_from_others_still_recomputes(env, log):
