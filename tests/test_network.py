@@ -80,6 +80,26 @@ def test_one_flow_takes_latency_plus_bytes_over_bandwidth(env, log):
     assert net.stats.link_bytes == {("a", "b"): 2 * MB, ("b", "a"): 0.0}
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_lone_delivery_runs_its_callbacks_without_a_trip_through_the_queue(env, inline):
+    # one flow, alone: a latency timer and a completion timer; with inline delivery its event's
+    # callbacks run from the completion timer's callback (it would be the next event anyway),
+    # without: the event is scheduled too. Same instants and values either way.
+    g = nx.DiGraph()
+    duplex(g, "a", "b", MBPS, latency=0.25)
+    net = Network(env, g)
+    net.inline_delivery = inline
+    seen = []
+    ev = net.transfer("a", "b", MB)
+    ev.callbacks.append(lambda e: seen.append((env.now, e.value.status, e.processed)))
+    later = env.timeout(5.0)   # something due later stays queued: the delivery is still "next"
+    env.run()
+    assert seen == [(1.25, "delivered", True)]   # (SimPy marks it processed before the callbacks)
+    assert ev.processed and ev.ok and ev.value.end == 1.25 and later.processed
+    # events scheduled: latency timer, completion timer, the later timeout (+ the delivery)
+    assert next(env._eid) == (3 if inline else 4)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_n_equal_flows_through_one_bottleneck_take_n_times_as_long(env, log, n):
     g = nx.DiGraph()
