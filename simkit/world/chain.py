@@ -67,7 +67,7 @@ class Chain:
         if not device.free_now():
             return False
         t = self.t
-        delay = flops / device.effective_flops * device.slowdown + device.overhead
+        delay = device.compute_time(flops)
         end = t + delay
         self.ops.append((_COMPUTE, device, flops, tag, t, end))
         self.t = end

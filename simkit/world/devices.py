@@ -151,6 +151,7 @@ class Device:
             meter = self.meter
             meter.compute_begin()
             try:
+                # (compute_time, inlined; chains time their computes with it: keep them equal)
                 yield env.timeout(flops / self.effective_flops * self.slowdown + self.overhead)
             finally:
                 meter.compute_end()

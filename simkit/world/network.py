@@ -1244,7 +1244,7 @@ class Network:
         f._fin = fin = now + f.remaining * 8.0 / b
         f._due = fin - (2e-9 * 8.0 * f.nbytes / b + 3e-12 * abs(fin))   # as in _assign
         f._hseq = sq = next(self._seq)
-        at = self._due.get(fin)   # (_push, inlined)
+        at = self._due.get(fin)   # (_push_due, inlined: every flow that joins alone comes here)
         if at is None:
             self._due[fin] = [sq, f]
             heapq.heappush(self._heap, fin)
@@ -1345,11 +1345,7 @@ class Network:
             f._t = now
             self._off_links(f)   # (_leave_links: a delivered flow is settled already)
             f._fin = _INF
-            if f._mtx is not None:   # (_radios_off, inlined)
-                f._mtx.tx_end()
-            if f._mrx is not None:
-                f._mrx.rx_end()
-            self._n_active -= 1
+            self._radios_off(f)
         elif st == "stalled":
             del self._stalled[f]
         if status == "delivered":
@@ -1567,9 +1563,8 @@ class Network:
 
     def _assign(self, keep: list[Flow], rates: list[float], now: float) -> None:
         """Give the flows their new rates: settle those whose rate changes, new finish times."""
-        heap, due, seq = self._heap, self._due, self._seq
+        seq = self._seq
         lb, lload = self._link_bytes, self._lload
-        heappush = heapq.heappush
         for f, r in zip(keep, rates):
             old = f.rate
             if r != old:
@@ -1593,13 +1588,17 @@ class Network:
                 # twice the first and 3e-12 * fin for the second and for rounding.
                 f._due = fin - (2e-9 * 8.0 * f.nbytes / r + 3e-12 * abs(fin))
                 f._hseq = sq = next(seq)
-                at = due.get(fin)
-                if at is None:
-                    due[fin] = [sq, f]
-                    heappush(heap, fin)
-                else:
-                    at += (sq, f)
+                self._push_due(fin, sq, f)
         self._heap_changed = True
+
+    def _push_due(self, fin: float, sq: int, f: Flow) -> None:
+        """File ``f`` (its entry ``sq``) as due at ``fin`` in the completion heap."""
+        at = self._due.get(fin)
+        if at is None:
+            self._due[fin] = [sq, f]
+            heapq.heappush(self._heap, fin)
+        else:
+            at += (sq, f)
 
     def _rates(self, flows: list[Flow]) -> list[float]:
         """Max-min rates of a closed component of active flows; also tracks the peak utilisation."""
