@@ -19,8 +19,9 @@ Wall-clock noise here is about +-10%, so a second, precise figure is measured to
 (``train: false``: the same protocol, events, records and energy accounting, no tensors) -- giving
 the predicted ratio ``1 + added cost per step / bare step time``.
 
-Split steps are simulated as one event each when nothing else can happen meanwhile (chains,
-:mod:`simkit.world.chain`; vanilla SL chains every step). The SL rows also print the added cost
+Split steps are simulated without their per-phase events when nothing else can happen meanwhile
+(chains, :mod:`simkit.world.chain`; vanilla SL chains a client's relay and whole turn of steps
+into one event). The SL rows also print the added cost
 with chains off (``Chain.enabled = False``, the phase-by-phase events; same results to the bit),
 measured in the same run, and their ratio.
 

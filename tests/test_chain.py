@@ -80,14 +80,39 @@ def assert_identical(a, b) -> None:
 ])
 def test_sl_run_with_chains_is_the_phase_by_phase_run(workload, chains, monkeypatch):
     # real training; phones on LTE (radio tails), Wi-Fi boards, two local epochs; every step and
-    # relay of vanilla SL is alone in the world, so all of them chain
+    # relay of vanilla SL is alone in the world, so each client's turn (its relay and all its
+    # steps) is one chain
     on, off = both(scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}, workload=workload), monkeypatch)
-    assert chains["commit"] > 0 and chains["refused"] == 0
-    steps = (on.records["compute"].tag == "client_fwd").sum()
-    relays = (on.records["transfer"].tag == "relay").sum()
-    assert chains["commit"] == steps + relays
+    assert chains["refused"] == 0
+    fwd = on.records["compute"].query("tag == 'client_fwd'")
+    turns = fwd.groupby(["device", "round"]).ngroups
+    assert turns == 4 * 2 and len(fwd) > 4 * turns   # several steps per turn
+    groups = 2 if workload else 1   # each model group relays its own client part
+    assert (on.records["transfer"].tag == "relay").sum() == turns - groups
+    assert chains["commit"] == turns
     assert_identical(on, off)
     assert on.records["transfer"].shape[0] > 0 and on.summary["energy_j_clients"] > 0
+
+
+def test_a_turn_chains_up_to_the_next_event_and_after_it(chains, monkeypatch):
+    # an unrelated event (another device starts straggling) in the middle of the third step of
+    # rpi4-1's turn: its relay and first two steps are one chain, the third runs phase by phase,
+    # the rest are one more chain; every other turn stays whole
+    sc = scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}, rounds=1)
+    fwd = run(sc).records["compute"].query("tag == 'client_fwd' and device == 'rpi4-1'")
+    assert len(fwd) >= 5
+    at = (fwd.iloc[2].start + fwd.iloc[2].end) / 2
+    sc["faults"] = [{"kind": "straggler", "device": "phone-midrange-1", "factor": 2.0, "from_s": at, "to_s": 1e6}]
+    chains.update(commit=0, refused=0)
+    on, off = both(sc, monkeypatch)
+    assert chains["commit"] == 4 + 1 and chains["refused"] == 1
+    assert_identical(on, off)
+    # the straggling started where asked: phone-midrange-1's computes take longer (twice the
+    # FLOP time, plus the same per-step overhead, which dominates here)
+    comp = on.records["compute"]
+    base = run({**sc, "faults": []}).records["compute"]
+    pm1 = (comp.device == "phone-midrange-1") & (comp.tag == "client_fwd")
+    assert ((comp[pm1].end - comp[pm1].start).to_numpy() > (base[pm1].end - base[pm1].start).to_numpy()).all()
 
 
 FAULTS = [

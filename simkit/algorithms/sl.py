@@ -18,6 +18,7 @@ dropout is recorded. In the "mixed" workload each dataset group relays its own b
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import nn
 
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
 from simkit.algorithms.batching import warn_not_batchable
+from simkit.world.chain import Chain
 
 
 def _torch_phases(cmodel: nn.Module, copt, smodel: nn.Module, sopt, x: torch.Tensor, y: torch.Tensor):
@@ -52,50 +54,135 @@ def _torch_phases(cmodel: nn.Module, copt, smodel: nn.Module, sopt, x: torch.Ten
     return forward, server_step, backward
 
 
+def _plan_step(chain, ctx, c: ClientRuntime, b: int) -> tuple | None:
+    """Add a split step's five phases at batch size ``b`` to ``chain``; its costs (as
+    :meth:`Context.split_costs`), or None where a phase cannot be timed ahead (the chain is then
+    dead: roll it back)."""
+    costs = ctx.split_costs(c.key, b)
+    cfwd, cbwd, srv_flops, up, down = costs
+    dev, server = c.device, ctx.world.server
+    if (chain.compute(dev, cfwd, "client_fwd") and chain.send(dev, server, up, "act_up")
+            and chain.compute(server, srv_flops, "server_step") and chain.send(server, dev, down, "grad_down")
+            and chain.compute(dev, cbwd, "client_bwd")):
+        return costs
+    return None
+
+
+def _step_work(ctx, c: ClientRuntime, cmodel, copt, smodel, sopt, idx, up: int, down: int) -> None:
+    """The torch work of a chained split step, its three computes back to back; checks that the cut
+    tensors weigh what the chain sent."""
+    y = c.y_train[idx]
+    forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, c.x_train[idx], y)
+    act = forward()
+    grad = server_step(act)
+    b = batch_len(idx)
+    sizes = ctx.act_bytes(b, act=act, labels=y), ctx.act_bytes(b, act=grad, with_labels=False)
+    if sizes != (up, down):
+        raise RuntimeError(f"split step of {c.name}: the cut tensors weigh {sizes} bytes, not the "
+                           f"{(up, down)} the cut shape gives (a simkit bug)")
+    backward(grad)
+
+
+def _count_step_flops(ctx, costs: tuple) -> None:
+    ctx.flops_client_fwd += costs[0]   # as client_compute and server_compute count them
+    ctx.flops_server += costs[2]
+    ctx.flops_client_bwd += costs[1]
+
+
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
-               *, real: bool | None = None):
+               *, real: bool | None = None, chain: bool = True):
     """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``).
 
     ``real`` (default: whether the run trains): run the torch work. Without it the step costs the
     same (compute, transfers of the sizes the tensors would have: :meth:`Context.act_bytes`) and
     changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead).
 
-    When nothing else can happen in the world until the step ends (the usual case in vanilla SL,
-    where clients take turns), its five phases are simulated as one chain
-    (:mod:`simkit.world.chain`): the same instants, records and energy, one SimPy event instead
-    of about ten; the torch work of the three computes then runs back to back, in order."""
+    When nothing else can happen in the world until the step ends, its five phases are simulated
+    as one chain (:mod:`simkit.world.chain`): the same instants, records and energy, one SimPy
+    event instead of about ten; the torch work of the three computes then runs back to back, in
+    order. ``chain=False``: phase by phase (the caller found that the step cannot chain)."""
     real = ctx.train if real is None else (real and ctx.train)   # (client_compute runs work only when training)
     b = batch_len(idx)
+    if chain:
+        ch = ctx.chain()
+        costs = _plan_step(ch, ctx, c, b)
+        if costs is not None and ch.clear():
+            if real:
+                _step_work(ctx, c, cmodel, copt, smodel, sopt, idx, costs[3], costs[4])
+            yield ch.commit()
+            _count_step_flops(ctx, costs)
+            return
     cfwd, cbwd, srv_flops, up, down = ctx.split_costs(c.key, b)   # up/down: what the tensors will weigh
     server = ctx.world.server
     dev = c.device
     if real:
         y = c.y_train[idx]
         forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, c.x_train[idx], y)
-
-    chain = ctx.chain()
-    if (chain.compute(dev, cfwd, "client_fwd") and chain.send(dev, server, up, "act_up")
-            and chain.compute(server, srv_flops, "server_step") and chain.send(server, dev, down, "grad_down")
-            and chain.compute(dev, cbwd, "client_bwd") and chain.clear()):
-        if real:
-            act = forward()
-            grad = server_step(act)
-            sizes = ctx.act_bytes(b, act=act, labels=y), ctx.act_bytes(b, act=grad, with_labels=False)
-            if sizes != (up, down):
-                raise RuntimeError(f"split step of {c.name}: the cut tensors weigh {sizes} bytes, not the "
-                                   f"{(up, down)} the cut shape gives (a simkit bug)")
-            backward(grad)
-        yield chain.commit()
-        ctx.flops_client_fwd += cfwd   # as client_compute and server_compute count them
-        ctx.flops_server += srv_flops
-        ctx.flops_client_bwd += cbwd
-        return
-
     act = yield from ctx.client_compute(c, cfwd, 0.0, "client_fwd", forward if real else None)
     yield ctx.send(dev, server, ctx.act_bytes(b, act=act, labels=y) if real else up, "act_up")
     grad = yield from ctx.server_compute(srv_flops, "server_step", (lambda: server_step(act)) if real else None)
     yield ctx.send(server, dev, ctx.act_bytes(b, act=grad, with_labels=False) if real else down, "grad_down")
     yield from ctx.client_compute(c, 0.0, cbwd, "client_bwd", (lambda: backward(grad)) if real else None)
+
+
+def split_steps(ctx, c: ClientRuntime, models: Callable[[], tuple], batches: Sequence, *,
+                relay: tuple | None = None, real: bool | None = None):
+    """Split-learning steps of client ``c`` over ``batches``, in order, as SimPy sub-generator,
+    optionally after a message ``relay = (src device, nbytes, tag)`` to ``c``'s device (vanilla
+    SL's weight relay).
+
+    Chained greedily (:mod:`simkit.world.chain`): the relay and as many whole steps as end before
+    the next event in the queue form one chain (one SimPy event); then the next steps likewise. A
+    step that cannot chain at all (a slot or the network busy, something due before it ends) runs
+    phase by phase (:func:`split_step`), a relay that cannot as a plain transfer. The instants,
+    records, energy and weights are those of the steps one by one, to the bit (tests/test_chain.py).
+
+    ``models()`` returns ``(cmodel, copt, smodel, sopt)``, called once, before the first torch work
+    (vanilla SL loads the relayed weights there; they are torch state only, so it does not matter
+    that it runs before the relay's simulated end). ``real`` as in :func:`split_step`.
+    """
+    real = ctx.train if real is None else (real and ctx.train)
+    if not Chain.enabled:   # phase by phase throughout
+        if relay is not None:
+            yield ctx.send(relay[0], c.device, relay[1], relay[2])
+        m = models() if real and batches else (None,) * 4
+        for idx in batches:
+            yield from split_step(ctx, c, *m, idx, real=real, chain=False)
+        return
+    env = ctx.env
+    m = None
+    i, n = 0, len(batches)
+    while relay is not None or i < n:
+        ch = ctx.chain()
+        limit = env.peek()
+        if relay is not None and not (ch.send(relay[0], c.device, relay[1], relay[2]) and ch.t < limit):
+            yield ctx.send(relay[0], c.device, relay[1], relay[2])   # it cannot chain: a plain transfer
+            relay = None
+            continue
+        planned = []
+        while i + len(planned) < n:
+            mark = ch.mark()
+            costs = _plan_step(ch, ctx, c, batch_len(batches[i + len(planned)]))
+            if costs is None or ch.t >= limit:
+                ch.rollback(mark)
+                break
+            planned.append(costs)
+        if ch.clear():   # the relay and/or whole steps, all ending before the next event
+            if real and planned:
+                if m is None:
+                    m = models()
+                for k, costs in enumerate(planned):
+                    _step_work(ctx, c, *m, batches[i + k], costs[3], costs[4])
+            yield ch.commit()
+            for costs in planned:
+                _count_step_flops(ctx, costs)
+            relay = None
+            i += len(planned)
+        else:   # not even the next step fits: it runs phase by phase
+            if real and m is None:
+                m = models()
+            yield from split_step(ctx, c, *(m or (None,) * 4), batches[i], real=real, chain=False)
+            i += 1
 
 
 class SplitLearning(Algorithm):
@@ -129,21 +216,19 @@ class SplitLearning(Algorithm):
         ctx, spec = self.ctx, self.spec
         try:
             prev = self.holder[c.key]
+            relay = None
             if prev is not None and prev is not c:
-                chain = ctx.chain()   # alone on the network, as usual: one event instead of three
-                if chain.send(prev.device, c.device, self.client_bytes[c.key], "relay") and chain.clear():
-                    yield chain.commit()
-                else:
-                    yield ctx.send(prev.device, c.device, self.client_bytes[c.key], "relay")
+                relay = (prev.device, self.client_bytes[c.key], "relay")
+            batches = [idx for e in range(spec.local_epochs)
+                       for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e)]
             model = self.workers[c.key]
-            opt = None
-            if ctx.train:
+
+            def models():
                 model.load_state_dict(self.client_state[c.key])
-                opt = ctx.optimizer(model.parameters())
-            for e in range(spec.local_epochs):
-                for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e):
-                    yield from split_step(ctx, c, model, opt, self.server, self.server_opt, idx)
-            if ctx.train:
+                return model, ctx.optimizer(model.parameters()), self.server, self.server_opt
+
+            yield from split_steps(ctx, c, models, batches, relay=relay)
+            if ctx.train and batches:
                 self.client_state[c.key] = copy.deepcopy(model.state_dict())
             self.holder[c.key] = c
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1

@@ -28,7 +28,7 @@ import copy
 
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
 from simkit.algorithms.batching import Precomputed, RoundBatcher, warn_not_batchable
-from simkit.algorithms.sl import split_step
+from simkit.algorithms.sl import split_steps
 
 
 def _clone(module):
@@ -95,10 +95,9 @@ class SplitFed(Algorithm):
                 copt = ctx.optimizer(cmodel.parameters())
                 smodel.load_state_dict(self.global_server)
                 sopt = ctx.optimizer(smodel.parameters())
-            for e in range(spec.local_epochs):
-                order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
-                for idx in order:
-                    yield from split_step(ctx, c, cmodel, copt, smodel, sopt, idx, real=real)
+            batches = [idx for e in range(spec.local_epochs)
+                       for idx in (pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e))]
+            yield from split_steps(ctx, c, lambda: (cmodel, copt, smodel, sopt), batches, real=real)
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
             elif ctx.train:

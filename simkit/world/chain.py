@@ -19,6 +19,10 @@ the phase-by-phase run, to the bit (``tests/test_chain.py`` compares whole runs 
 off). This is the classic fast-forward of a discrete-event simulator over a stretch in which a
 single entity is active.
 
+A chain may hold several steps (vanilla SL chains a client's weight relay and as many of its
+steps as end before the next event: :func:`simkit.algorithms.sl.split_steps`); the argument is the
+same, since between the steps the process itself changes nothing but torch state.
+
 Where a chain cannot be told in advance -- a slot taken or queued, other flows on the network, a
 battery near empty (its check moves with every change of power), an event due before the end --
 :meth:`Chain.clear` is False and the caller runs the phases one by one as usual. ``Chain.enabled
@@ -85,6 +89,15 @@ class Chain:
         self.t = times[2]
         self.last = (times[2], 0.0)   # the delivery event is scheduled when the flow completes
         return True
+
+    def mark(self) -> tuple:
+        """The chain as it is now, for :meth:`rollback` (to add phases on trial)."""
+        return len(self.ops), self.t, self.last
+
+    def rollback(self, mark: tuple) -> None:
+        """Drop every phase added since :meth:`mark` returned ``mark`` (nothing was accounted yet)."""
+        n, self.t, self.last = mark
+        del self.ops[n:]
 
     def clear(self) -> bool:
         """Do all the phases end strictly before the next event in the queue?"""
