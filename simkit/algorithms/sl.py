@@ -90,28 +90,17 @@ def _count_step_flops(ctx, costs: tuple) -> None:
 
 
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
-               *, real: bool | None = None, chain: bool = True):
-    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``).
+               *, real: bool | None = None):
+    """One split-learning step of client ``c`` as SimPy sub-generator (``yield from``), phase by
+    phase: client forward, activations up, server step, gradients down, client backward, each its
+    own events. (:func:`split_steps` runs steps as chains where nothing else can happen meanwhile,
+    and this for a step that cannot.)
 
     ``real`` (default: whether the run trains): run the torch work. Without it the step costs the
     same (compute, transfers of the sizes the tensors would have: :meth:`Context.act_bytes`) and
-    changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead).
-
-    When nothing else can happen in the world until the step ends, its five phases are simulated
-    as one chain (:mod:`simkit.world.chain`): the same instants, records and energy, one SimPy
-    event instead of about ten; the torch work of the three computes then runs back to back, in
-    order. ``chain=False``: phase by phase (the caller found that the step cannot chain)."""
+    changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead)."""
     real = ctx.train if real is None else (real and ctx.train)   # (client_compute runs work only when training)
     b = batch_len(idx)
-    if chain:
-        ch = ctx.chain()
-        costs = _plan_step(ch, ctx, c, b)
-        if costs is not None and ch.clear():
-            if real:
-                _step_work(ctx, c, cmodel, copt, smodel, sopt, idx, costs[3], costs[4])
-            yield ch.commit()
-            _count_step_flops(ctx, costs)
-            return
     cfwd, cbwd, srv_flops, up, down = ctx.split_costs(c.key, b)   # up/down: what the tensors will weigh
     server = ctx.world.server
     dev = c.device
@@ -147,7 +136,7 @@ def split_steps(ctx, c: ClientRuntime, models: Callable[[], tuple], batches: Seq
             yield ctx.send(relay[0], c.device, relay[1], relay[2])
         m = models() if real and batches else (None,) * 4
         for idx in batches:
-            yield from split_step(ctx, c, *m, idx, real=real, chain=False)
+            yield from split_step(ctx, c, *m, idx, real=real)
         return
     env = ctx.env
     m = None
@@ -181,7 +170,7 @@ def split_steps(ctx, c: ClientRuntime, models: Callable[[], tuple], batches: Seq
         else:   # not even the next step fits: it runs phase by phase
             if real and m is None:
                 m = models()
-            yield from split_step(ctx, c, *(m or (None,) * 4), batches[i], real=real, chain=False)
+            yield from split_step(ctx, c, *(m or (None,) * 4), batches[i], real=real)
             i += 1
 
 
