@@ -43,6 +43,10 @@ after the other (each waits for the previous), so every flow is alone on its pat
 microseconds per transfer (latency phase + data phase), next to host microseconds per bare
 ``env.timeout`` of the same run.
 
+``--working-set`` runs, instead, the staggered case at 10,000 devices against variants that change
+only the fleet's size or the number of flows in flight at once (:func:`working_set`): what the
+headline figure depends on, with the algorithm fixed.
+
 ``--json FILE`` writes ``{"network_flow_rate_ratio": <the smaller of the burst and staggered
 ratios at the largest N, driver harness>, "isolated_transfer_us": <median us per isolated
 transfer>}`` (plus the context figures).
@@ -69,6 +73,7 @@ FLOW_BYTES = 1e6
 PER_GATEWAY = 100
 ISO_TRANSFERS, ISO_BYTES = 20_000, 32 * 1024
 PAIRED_TIMEOUTS = 300_000   # bare timeouts measured right before each repetition of a case
+SPREAD_S = 10.0             # staggered starts: uniform over this many seconds
 
 clock = time.process_time
 
@@ -117,18 +122,23 @@ class StubNetwork:
 
 
 def run_case(n: int, staggered: bool, seed: int = 0, network=Network, harness: str = "driver",
-             warm: bool = False, graph_names: bool = True) -> tuple[float, int, float]:
+             warm: bool = False, graph_names: bool = True, spread: float = SPREAD_S,
+             senders: int | None = None) -> tuple[float, int, float]:
     """One run: (host seconds, events scheduled, simulated makespan) of the timed pass.
 
     ``warm``: the same uploads run once before, untimed, on the same network, so the timed pass
     finds every route in the cache (a later round of a many-round run; routes are computed on a
-    device's first transfer, ~2-3 us each here)."""
+    device's first transfer, ~2-3 us each here). ``spread``: staggered starts are uniform over
+    ``[0, spread)`` seconds. ``senders``: only that many of the ``n`` devices (a seeded sample)
+    upload; default all. Host seconds are for the uploads made, so divide by ``senders``."""
     g = two_tier(n)
     env = simpy.Environment()
     net = network(env, g)
     rng = random.Random(seed)
-    starts = [rng.uniform(0.0, 10.0) if staggered else 0.0 for _ in range(n)]
-    names = [f"d{i}" for i in range(n)]
+    used = range(n) if senders is None else sorted(random.Random(seed + 1).sample(range(n), senders))
+    names = [f"d{i}" for i in used]
+    n = len(names)
+    starts = [rng.uniform(0.0, spread) if staggered else 0.0 for _ in range(n)]
     if graph_names:   # the graph's own node objects, as simkit's devices pass them (Device.node)
         own = {v: v for v in g}
         names = [own[v] for v in names]
@@ -209,13 +219,53 @@ def isolated_transfers(n: int = ISO_TRANSFERS, network=Network) -> float:
     return host / n * 1e6
 
 
+WORKING_SET_CASES = (   # (devices in the graph, devices that upload, spread of the starts in s)
+    (1_000, 1_000, SPREAD_S),
+    (10_000, 10_000, 10 * SPREAD_S),
+    (10_000, 1_000, SPREAD_S),
+    (10_000, 10_000, SPREAD_S),
+)
+
+
+def working_set(reps: int) -> dict:
+    """What the staggered figure depends on, with the algorithm fixed (``--working-set``).
+
+    The staggered case at 10,000 devices (driver harness, warm), against variants that change one
+    thing: fewer devices in the graph, a ten times longer spread of the starts (a tenth of the
+    flows in flight at once: each is alone on its access link for 0.807 s, so about
+    ``senders x 0.807 / spread`` are in flight), or only 1,000 of the 10,000 devices uploading.
+    Each case runs the real network and the stub, in alternation over ``reps`` rounds (order
+    reversed every other round); ``network`` is the median host microseconds per flow of the real
+    one minus the stub's: the network model's own cost per flow."""
+    res: dict[tuple, list] = {c: ([], []) for c in WORKING_SET_CASES}
+    for rep in range(reps):
+        cases = WORKING_SET_CASES if rep % 2 == 0 else WORKING_SET_CASES[::-1]
+        for n, senders, spread in cases:
+            for net, out in ((Network, res[(n, senders, spread)][0]), (StubNetwork, res[(n, senders, spread)][1])):
+                h = run_case(n, True, network=net, warm=True, spread=spread, senders=senders)[0]
+                out.append(h / senders * 1e6)
+    print(f"{'devices':>8} {'senders':>8} {'spread s':>9} {'in flight':>10} {'us/flow':>8} {'stub':>6} {'network':>8}")
+    out = {}
+    for (n, senders, spread), (real, stub) in res.items():
+        r, st = statistics.median(real), statistics.median(stub)
+        in_flight = senders * (ACCESS_LAT + BACKHAUL_LAT + FLOW_BYTES * 8 / UP_BPS) / spread
+        print(f"{n:>8,} {senders:>8,} {spread:>9g} {in_flight:>10,.0f} {r:>8.2f} {st:>6.2f} {r - st:>8.2f}")
+        out[f"working_set_network_us_{n}_{senders}_{spread:g}s"] = r - st
+    return out
+
+
 def fmt3(values: list[float], spec: str) -> str:
     return "/".join(format(v, spec) for v in (min(values), statistics.median(values), max(values)))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, reps=3, quick="N = 100 and 1,000 only (well under a minute)")
+    ap.add_argument("--working-set", action="store_true",
+                    help="instead: the staggered case's cost against fleet size and flows in flight (see working_set)")
     args = ap.parse_args(argv)
+    if args.working_set:
+        run_case(1_000, True)   # warm up
+        return write_json(args.json, working_set(args.reps))
     sizes = [100, 1_000] if args.quick else [100, 1_000, 10_000]
 
     run_case(100, False)  # warm up (imports, numpy's first calls) outside the measurements
