@@ -74,6 +74,7 @@ PER_GATEWAY = 100
 ISO_TRANSFERS, ISO_BYTES = 20_000, 32 * 1024
 PAIRED_TIMEOUTS = 300_000   # bare timeouts measured right before each repetition of a case
 SPREAD_S = 10.0             # staggered starts: uniform over this many seconds
+SOLO_S = BACKHAUL_LAT + ACCESS_LAT + FLOW_BYTES * 8 / UP_BPS   # an upload alone on its path: 0.807 s
 
 clock = time.process_time
 
@@ -112,7 +113,7 @@ class StubNetwork:
 
     def __init__(self, env: simpy.Environment, graph: nx.DiGraph):
         self.env = env
-        self.duration = BACKHAUL_LAT + ACCESS_LAT + FLOW_BYTES * 8 / UP_BPS
+        self.duration = SOLO_S
 
     def transfer(self, src, dst, nbytes, *, tag=""):
         env = self.env
@@ -232,23 +233,24 @@ def working_set(reps: int) -> dict:
 
     The staggered case at 10,000 devices (driver harness, warm), against variants that change one
     thing: fewer devices in the graph, a ten times longer spread of the starts (a tenth of the
-    flows in flight at once: each is alone on its access link for 0.807 s, so about
-    ``senders x 0.807 / spread`` are in flight), or only 1,000 of the 10,000 devices uploading.
+    flows in flight at once: each is alone on its path for ``SOLO_S`` = 0.807 s, so about
+    ``senders x SOLO_S / spread`` are in flight), or only 1,000 of the 10,000 devices uploading.
     Each case runs the real network and the stub, in alternation over ``reps`` rounds (order
     reversed every other round); ``network`` is the median host microseconds per flow of the real
     one minus the stub's: the network model's own cost per flow."""
-    res: dict[tuple, list] = {c: ([], []) for c in WORKING_SET_CASES}
+    res: dict[tuple, tuple[list, list]] = {c: ([], []) for c in WORKING_SET_CASES}   # real, stub us/flow
     for rep in range(reps):
         cases = WORKING_SET_CASES if rep % 2 == 0 else WORKING_SET_CASES[::-1]
-        for n, senders, spread in cases:
-            for net, out in ((Network, res[(n, senders, spread)][0]), (StubNetwork, res[(n, senders, spread)][1])):
+        for case in cases:
+            n, senders, spread = case
+            for net, out in zip((Network, StubNetwork), res[case]):
                 h = run_case(n, True, network=net, warm=True, spread=spread, senders=senders)[0]
                 out.append(h / senders * 1e6)
     print(f"{'devices':>8} {'senders':>8} {'spread s':>9} {'in flight':>10} {'us/flow':>8} {'stub':>6} {'network':>8}")
     out = {}
     for (n, senders, spread), (real, stub) in res.items():
         r, st = statistics.median(real), statistics.median(stub)
-        in_flight = senders * (ACCESS_LAT + BACKHAUL_LAT + FLOW_BYTES * 8 / UP_BPS) / spread
+        in_flight = senders * SOLO_S / spread
         print(f"{n:>8,} {senders:>8,} {spread:>9g} {in_flight:>10,.0f} {r:>8.2f} {st:>6.2f} {r - st:>8.2f}")
         out[f"working_set_network_us_{n}_{senders}_{spread:g}s"] = r - st
     return out
