@@ -8,6 +8,17 @@ ratio of host time to the *engine-bound limit*, measured side by side:
 i.e. how many times more host time the run takes than SimPy itself would need for the same number
 of events. Target: <= 3 (issue "Performance", item 4), peak memory <= 2 GiB.
 
+"Events the run scheduled" are the simulation model's events, counted by SimPy's event numbers
+(``env._eid``): ~8 per device-round (the client process's start and end, two local steps, and per
+transfer its latency end and its delivery). Since 2026-12-05 the latency ends and the deliveries
+that fall due at one instant share one entry of SimPy's queue
+(:attr:`simkit.world.network.Network.batch_events`), which runs them in their own numbers' order:
+the numbers, and so this count, are unchanged, but SimPy *processes* only ~4 entries per
+device-round (the numbers minus :attr:`~simkit.world.network.Network.events_shared`, printed as
+"processed", with the ratio they would give: a limit counted on them would make every event
+simkit saves raise the ratio). The bare protocol's own time for the same rounds (6 events per
+device-round: a transfer is one timeout there) is printed too, with its ratio.
+
 "Raw SimPy events per second" depends on the size of the model: with 10,000 devices in flight the
 event heap holds ~10,000 entries and 10,000 generators are live, and a bare event costs 2-3x
 what a timeout costs in a one-process loop (heap depth, cache misses, process starts). So the rate is measured on the
@@ -16,8 +27,7 @@ process per device with a download timeout, one timeout per local step, an uploa
 ``all_of`` and an aggregation timeout; no network, energy or records). The one-process loop rate
 (:func:`benchmarks.network.raw_timeouts`) and 10,000 concurrent timeout loops are reported beside
 it, with the ratios they would give. (Until 2026-11-30 the one-process loop rate was the
-denominator; RESULTS.md gives both.) The bare protocol's own time for the same rounds, i.e. the
-limit counted with its 6 events per device-round instead of simkit's ~8, is printed too.
+denominator; RESULTS.md gives both.) 
 
 **Interleaved.** This VM's speed drifts by 10-20 % over minutes, so a rate measured before or
 after a one-minute run can be off by that much against the run itself (one pair of reps gave
@@ -146,6 +156,7 @@ def sim_child(devices: int, rounds: int, slices: int) -> None:
     })
     assert p.ctx.steps_per_epoch(p.ctx.clients[0]) * p.scenario.algorithm.local_epochs == _steps()
     env, algo = p.env, p.algorithm
+    net = p.ctx.world.network
     per_slice = -(-rounds // slices)
     stop = {"ev": None}
     orig = algo.maybe_evaluate
@@ -163,12 +174,14 @@ def sim_child(devices: int, rounds: int, slices: int) -> None:
             if sys.stdin.readline().strip() != "go":
                 return
             stop["ev"] = env.event()
-            e0 = _eid(env)
+            e0, s0 = _eid(env), net.events_shared
             t0 = time.perf_counter()
             env.run(until=env.any_of([stop["ev"], main]))
             run_s = time.perf_counter() - t0
-            print(json.dumps({"run_s": run_s, "events": _eid(env) - e0, "done": main.processed}), flush=True)
-    print(json.dumps({"events": _eid(env), "sim_time_s": env.now,
+            events = _eid(env) - e0
+            print(json.dumps({"run_s": run_s, "events": events, "processed": events - (net.events_shared - s0),
+                              "done": main.processed}), flush=True)
+    print(json.dumps({"events": _eid(env), "processed": _eid(env) - net.events_shared, "sim_time_s": env.now,
                       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -202,7 +215,7 @@ def one_rep(devices: int, rounds: int) -> dict:
     try:
         r = sim.ask()
         rates = [bare.ask("go")]
-        run_s = limit_s = 0.0
+        run_s = limit_s = processed_s = 0.0
         parts = []
         while True:
             part = sim.ask("go")
@@ -210,6 +223,7 @@ def one_rep(devices: int, rounds: int) -> dict:
             rate = (rates[-2]["rate"] + rates[-1]["rate"]) / 2
             run_s += part["run_s"]
             limit_s += part["events"] / rate
+            processed_s += part["processed"] / rate
             parts.append(part["run_s"] / (part["events"] / rate))
             if part["done"]:
                 break
@@ -224,6 +238,7 @@ def one_rep(devices: int, rounds: int) -> dict:
     r["raw_rate_max"] = max(x["rate"] for x in rates)
     r["bare_events_per_round"] = rates[0]["per_round"]
     r["ratio"] = run_s / limit_s
+    r["ratio_processed"] = run_s / processed_s
     r["ratio_slice_min"], r["ratio_slice_max"] = min(parts), max(parts)
     return r
 
@@ -260,13 +275,15 @@ def main(argv=None) -> dict:
 
     print(f"fast what-if: FedAvg, train=false, {devices:,} devices x {rounds} rounds, {reps} fresh process(es)")
     for key, label, fmt in [("setup_s", "setup host s", "{:.2f}"), ("run_s", "simulation host s", "{:.2f}"),
-                            ("events", "SimPy events", "{:,.0f}"),
+                            ("events", "SimPy events (numbered)", "{:,.0f}"),
+                            ("processed", "  processed (entries)", "{:,.0f}"),
                             ("raw_rate", "bare protocol events/s", "{:,.0f}"),
                             ("raw_rate_min", "  slowest burst", "{:,.0f}"),
                             ("raw_rate_max", "  fastest burst", "{:,.0f}"),
                             ("limit_s", "engine-bound limit s", "{:.2f}"), ("ratio", "host / limit", "{:.2f}"),
                             ("ratio_slice_min", "  lowest slice", "{:.2f}"),
                             ("ratio_slice_max", "  highest slice", "{:.2f}"),
+                            ("ratio_processed", "  on the processed ones", "{:.2f}"),
                             ("raw_rate_concurrent", f"{devices:,} timeout loops/s", "{:,.0f}"),
                             ("ratio_concurrent", "  ratio at that rate", "{:.2f}"),
                             ("raw_rate_loop", "1 timeout loop/s", "{:,.0f}"),
@@ -280,7 +297,8 @@ def main(argv=None) -> dict:
               "whatif_host_s": mmm("run_s")[1] + mmm("setup_s")[1], "whatif_devices": devices, "whatif_rounds": rounds,
               "whatif_time_ratio_concurrent_loops": mmm("ratio_concurrent")[1],
               "whatif_time_ratio_one_loop": mmm("ratio_loop")[1],
-              "whatif_time_over_bare_protocol": mmm("ratio_bare")[1]}
+              "whatif_time_over_bare_protocol": mmm("ratio_bare")[1],
+              "whatif_time_ratio_processed_events": mmm("ratio_processed")[1]}
     return write_json(args.json, result)
 
 

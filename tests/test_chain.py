@@ -166,6 +166,30 @@ def test_random_fault_timelines_are_identical_with_and_without_chains(crash, bat
     assert_identical(on, off)
 
 
+# -- whole runs, latency phases batched and one timeout per flow -----------------------------------------
+@pytest.mark.parametrize("algo, train", [("fedavg", True), ("splitfed", True), ("fedavg", False)])
+def test_batched_latency_phases_give_the_per_flow_timeout_run(algo, train, monkeypatch):
+    # a round's downloads start together, so their latency phases end together and share one queued
+    # entry (Network.batch_events); with crashes, a link failure, a battery and dropouts in the mix
+    # the run must be the one with a timeout per flow, to the bit
+    sc = scenario({"name": algo, "lr": 0.05}, train=train, faults=FAULTS, rounds=4,
+                  availability={"kind": "dropout", "dropout_p": 0.2}, counts={"rpi4": 3, "phone-midrange": 3})
+    sizes = []
+    fire = Network._latency_batch_done
+
+    def counting(self, b):
+        if b.next == 0:
+            sizes.append(len(b.items) // 2)   # items sharing the entry (the first of the instant has its own)
+        fire(self, b)
+
+    monkeypatch.setattr(Network, "_latency_batch_done", counting)
+    batched = run(sc)
+    assert max(sizes) > 1   # some flows did share an entry
+    monkeypatch.setattr(Network, "batch_events", False)
+    plain = run(sc)
+    assert_identical(batched, plain)
+
+
 # -- one chain, by hand --------------------------------------------------------------------------------
 PROFILE = DeviceProfile(name="dev", peak_flops=2e9, efficiency=0.5, memory_bytes=1e9, step_overhead_s=0.001,
                         power={"idle_w": 1.0, "compute_w": 3.0})

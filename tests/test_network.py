@@ -100,6 +100,174 @@ def test_a_lone_delivery_runs_its_callbacks_without_a_trip_through_the_queue(env
     assert next(env._eid) == (3 if inline else 4)
 
 
+def _four_senders(batch: bool):
+    """s0..s3 -> r, each over a link of its own (1 MB/s, 0.5 s): four 1 MB flows requested together
+    end their latency phases together at 0.5 and are delivered together at 1.5, each alone on its path
+    (no recomputation is queued between them)."""
+    env = simpy.Environment()
+    g = nx.DiGraph()
+    for k in range(4):
+        duplex(g, f"s{k}", "r", MBPS, latency=0.5)
+    net = Network(env, g)
+    net.batch_events = batch
+    return env, net
+
+
+def _four_latencies_and_a_probe(batch: bool, urgent: bool, probe_after: int):
+    """A, B, C, D requested at 0; a probe timeout for 0.5 set after the first ``probe_after`` of them;
+    A's latency end may start a process (an urgent event at 0.5)."""
+    env, net = _four_senders(batch)
+    seen = []
+
+    def started():
+        seen.append(("process", env.now, [f.status for f in net.open_flows]))
+        yield env.timeout(0)
+
+    plain_done = net._latency_done
+
+    def latency_done(f):   # (called with the flow, or with its timeout)
+        plain_done(f)
+        seen.append(("latency", getattr(f, "flow", f).id, env.peek()))   # the others' ends: still due
+        if urgent and getattr(f, "flow", f).id == 0:
+            env.process(started())   # urgent: its start runs before any normal event due now
+
+    net._latency_done = latency_done          # (the batches look it up on the network)
+    net._latency_cbs[:] = [latency_done]      # (the per-flow timeouts' callback list)
+    evs = []
+    for k in range(4):
+        if k == probe_after:
+            probe = env.timeout(0.5)
+            probe.callbacks.append(lambda e: seen.append(("probe", env.now, [f.status for f in net.open_flows])))
+        evs.append(net.transfer(f"s{k}", "r", MB))
+    env.run()
+    assert net._dbatch is None and all(b is None or b.items is None for b in (net._lat_recent or {}).values())
+    return seen, [e.value.end for e in evs], next(env._eid), net.stats.events_shared
+
+
+@pytest.mark.parametrize("urgent", [True, False])
+@pytest.mark.parametrize("probe_after", [1, 2, 3])
+def test_latency_phases_ending_together_keep_their_place_among_same_instant_events(urgent, probe_after):
+    # One timeout per flow runs A's latency end, the process start (urgent) if any, then the probe and
+    # B's, C's and D's latency ends in request order. Batched (A's end has its own entry, B, C and D share
+    # one), the shared entry must step aside for the urgent event and for the probe -- the head of the
+    # queue, or, when B and C went through together, a child of the entry's own stale place -- and leave
+    # every event number as it was; and while some are left, something must show as due at 0.5.
+    batched = _four_latencies_and_a_probe(True, urgent, probe_after)
+    plain = _four_latencies_and_a_probe(False, urgent, probe_after)
+    assert batched[0] == plain[0]
+    order = [x[:2] if x[0] == "latency" else x for x in plain[0]]
+    probe = ("probe", 0.5, ["active"] * probe_after + ["latency"] * (4 - probe_after))
+    ends = [("latency", k) for k in range(4)]
+    assert order == ends[:1] + [("process", 0.5, ["active"] + ["latency"] * 3)] * urgent + \
+        ends[1:probe_after] + [probe] + ends[probe_after:]
+    assert [x[2] for x in plain[0] if x[0] == "latency"][:3] == [0.5] * 3
+    assert batched[1] == plain[1] == [1.5] * 4
+    assert batched[2] == plain[2]
+    # each latency end and delivery counts one SimPy event (its own entry or a pop of the batch's)
+    # unless it went through with the one before it in the batch. Deliveries: C's and D's go with B's.
+    # Latency ends: C's goes with B's unless the probe comes between them (after 2); D's with C's unless
+    # the probe comes between (after 3: the entry comes back under C's stale number, sees the probe
+    # first and queues again)
+    assert plain[3] == 0
+    assert batched[3] == 2 + {1: 2, 2: 1, 3: 0}[probe_after]
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_latency_instants_interleaved_keep_their_order(spread):
+    # three latencies (0.25, 0.5, 0.75 s) over three senders each, requested round-robin at 0 (three
+    # batches in play at once), or spread so that the three groups, requested at different instants,
+    # end together at 1.0 (a batch per request instant); the ends run in request order per instant,
+    # as with a timeout per flow
+    def go(batch):
+        env = simpy.Environment()
+        g = nx.DiGraph()
+        for k in range(9):
+            duplex(g, f"s{k}", "r", MBPS, latency=0.25 * (1 + k % 3))
+        net = Network(env, g)
+        net.batch_events = batch
+        ends = []
+        plain_done = net._latency_done
+
+        def latency_done(f):
+            plain_done(f)
+            ends.append((env.now, getattr(f, "flow", f).id, env.peek()))
+
+        net._latency_done = latency_done
+        net._latency_cbs[:] = [latency_done]
+        evs = []
+
+        def send(k):
+            yield env.timeout(0.25 * (3 - k % 3) if spread else 0)   # spread: every latency ends at 1.0
+            evs.append(net.transfer(f"s{k}", "r", MB))
+
+        for k in range(9):
+            env.process(send(k))
+        env.run()
+        return ends, [e.value.end for e in evs], next(env._eid), net.stats.events_shared
+
+    batched, plain = go(True), go(False)
+    assert batched[:3] == plain[:3]
+    if spread:
+        assert [t for t, _, _ in plain[0]] == [1.0] * 9
+        # per group its third latency end goes with its second (3); the nine deliveries at 2.0: the
+        # first has its own entry, the other eight share one (7)
+        assert batched[3] == 3 + 7
+    else:
+        assert [i for _, i, _ in plain[0]] == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+        assert batched[3] > 0
+
+
+def _four_deliveries(batch: bool, *, raise_in: str = ""):
+    """A..D delivered together at 1.5; A's callback starts a process (an urgent event then), one
+    callback may raise."""
+    env, net = _four_senders(batch)
+    seen = []
+
+    def started():
+        seen.append(("process", env.now))
+        yield env.timeout(1)
+
+    evs = [net.transfer(f"s{k}", "r", MB) for k in range(4)]
+
+    def on(name):
+        def cb(ev):
+            seen.append((name, env.now, ev.value.status, env.peek()))   # the later ones: still due
+            if name == "A":
+                env.process(started())
+            if name == raise_in:
+                raise KeyError(name)
+        return cb
+
+    for name, ev in zip("ABCD", evs):
+        ev.callbacks.append(on(name))
+    raised = None
+    try:
+        env.run()
+    except KeyError as exc:
+        raised = exc.args[0]
+        seen.append(("raised", env.now))
+        env.run()   # the rest, as SimPy leaves it queued
+    assert net._dbatch is None and all(b is None or b.items is None for b in (net._lat_recent or {}).values())
+    return seen, raised, next(env._eid)
+
+
+@pytest.mark.parametrize("raise_in", ["", "B", "C", "D"])
+def test_deliveries_at_one_instant_run_their_callbacks_in_simpy_order(raise_in):
+    # One event per delivery runs A's callbacks, then the process A started (urgent), then B's, C's and
+    # D's; batched (A has its own entry, B..D share one) the shared entry steps aside for nothing here
+    # but must leave the later ones due (env.peek()) while it runs each. A callback that raises leaves
+    # the deliveries after it queued, as SimPy does.
+    batched = _four_deliveries(True, raise_in=raise_in)
+    plain = _four_deliveries(False, raise_in=raise_in)
+    assert batched == plain
+    expected = [("A", 1.5, "delivered", 1.5), ("process", 1.5)]
+    for name in "BCD":
+        expected.append((name, 1.5, "delivered", 1.5 if name != "D" else 2.5))
+        if name == raise_in:
+            expected.append(("raised", 1.5))
+    assert batched[0] == expected and batched[1] == (raise_in or None)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_n_equal_flows_through_one_bottleneck_take_n_times_as_long(env, log, n):
     g = nx.DiGraph()
@@ -565,10 +733,12 @@ def test_maxmin_rounds_equals_the_reference_to_the_bit(case):
 class PlainNetwork(Network):
     """The network with its shortcuts replaced by their plain statements: every small component shared by
     :func:`maxmin_reference` (utilisation summed as the reference path always did), every flow checked
-    for being done at every recomputation, and every delivery scheduled as an event (a chained send
-    starts from its delivery's callback). Runs must agree with :class:`Network` to the bit."""
+    for being done at every recomputation, every delivery scheduled as an event (a chained send
+    starts from its delivery's callback), and every latency phase its own timeout. Runs must agree with
+    :class:`Network` to the bit."""
 
     inline_delivery = False
+    batch_events = False
 
     def _share_small(self, keep, links, inc, now):
         cap = self._cap

@@ -62,13 +62,19 @@ Sharing (processor sharing per link, STYLE.md #14)
     objects are left for the garbage collector to track (routes hold numbers and strings; flows by
     edge and by node need no container per flow). The completion heap holds distinct finish times
     as bare floats (a float heap pops ~4x faster than one of tuples), each with the flows due then
-    in scheduling order; the completion timer and the latency timers' callback list are reused, not
-    allocated per flow. A flow delivered when nothing else is due at that instant has its event's
-    callbacks run by the completion timer's callback (``Network.inline_delivery``): its event would
-    have been the very next one processed, with the same state, so only the trip through SimPy's
-    queue is saved (a test runs every scenario with and without and compares the runs to the bit).
-    The events are otherwise exactly those described above, so runs equal those of the plain
-    implementation to the bit.
+    in scheduling order; the completion timer is reused, not allocated per flow. A flow delivered
+    when nothing else is due at that instant has its event's callbacks run by the completion timer's
+    callback (``Network.inline_delivery``): its event would have been the very next one processed,
+    with the same state, so only the trip through SimPy's queue is saved (a test runs every scenario
+    with and without and compares the runs to the bit). Latency phases that end at the same instant,
+    and the deliveries fired at one instant, share one entry in SimPy's queue
+    (``Network.batch_events``; a FedAvg round's downloads start together): each still takes the
+    event number its own entry would have had, and the shared entry runs them in that order,
+    stepping aside whenever another queued event comes between two of them and staying queued while
+    any is left (so ``env.peek()`` sees them due), so that every event runs in the order, at the
+    instant and with the state it would have with an entry of its own (tests compare both ways to
+    the bit, and check the order against urgent and same-instant events). The events are otherwise
+    exactly those described above, so runs equal those of the plain implementation to the bit.
 
     Local updates (``Network.incremental``, on by default): a flow that becomes active or ends at a
     moment when no change is waiting does not trigger a recomputation when the answer is known
@@ -237,6 +243,13 @@ def _fire(f: Flow, exc: BaseException | None = None) -> None:
         ev.fail(exc)
 
 
+def _process_event(ev: simpy.Event) -> None:
+    """Run a triggered event's callbacks, as ``Environment.step`` does when it pops the event."""
+    cbs, ev.callbacks = ev.callbacks, None
+    for cb in cbs:
+        cb(ev)
+
+
 class NetworkStats(NamedTuple):
     """A snapshot of the network's counters (:attr:`Network.stats`).
 
@@ -246,6 +259,9 @@ class NetworkStats(NamedTuple):
             / (its capacity); max-min fairness keeps it <= 1 up to rounding.
         recomputations: how many times rates were recomputed.
         delivered, dropped: flows ended each way; bytes_delivered: their requested bytes, delivered.
+        events_shared: latency ends and deliveries processed through a queue entry shared with
+            earlier ones of the same instant (:attr:`Network.batch_events`): each is one SimPy event
+            fewer than an entry of its own (SimPy's event numbers, ``env._eid``, still count it).
     """
 
     link_bytes: dict
@@ -254,6 +270,7 @@ class NetworkStats(NamedTuple):
     delivered: int
     dropped: int
     bytes_delivered: float
+    events_shared: int = 0
 
 
 # -- max-min fair allocation -------------------------------------------------------------------------
@@ -476,6 +493,25 @@ class _LatencyTimer(simpy.events.Timeout):
         env.schedule(self, _NORMAL, delay)
 
 
+class _Batch(simpy.events.Event):
+    """One queued SimPy entry standing for several that fall due at the same instant ``at``
+    (:attr:`Network.batch_events`): ``items`` is ``[eid, item, eid, item, ...]`` in eid order, each
+    ``eid`` the number SimPy gave (reserved for) that item's own entry; the batch is queued under
+    the eid of the next item to process, ``items[next]``, and steps aside (queues again under the
+    following item's eid) whenever another queued event comes between two items."""
+
+    def __init__(self, env: simpy.Environment, at: float, items: list, callbacks: list):
+        self.env = env
+        self.callbacks = callbacks
+        self._ok = True
+        self._value = None
+        self.at = at
+        self.items = items
+        self.next = 0          # the next item to process
+        self.queued = True     # an entry of it is in SimPy's queue (its maker queues the first)
+        self.pops = 0          # entries of it SimPy has popped
+
+
 class _Timer(simpy.events.Event):
     """The completion timer, reused: once one has fired (its callbacks ran) the network schedules
     it again instead of allocating a new timeout. Scheduled exactly as ``env.timeout`` would be."""
@@ -526,6 +562,11 @@ class Network:
     #: the completion timer's callback instead of a trip through the event queue (same order, same
     #: state: see :meth:`_on_timer`); False: every delivery is scheduled
     inline_delivery = True
+    #: latency phases that end at the same instant share one entry in SimPy's queue, and so do the
+    #: delivered flows' events fired at one instant; the entry processes them in the order (and under
+    #: the event numbers) their own entries would have had (:meth:`_begin_latency`, :meth:`_deliver`).
+    #: False: a timeout per latency phase and a queued event per delivery (the plain statement)
+    batch_events = True
 
     def __init__(self, env: simpy.Environment, graph: nx.DiGraph, *, recorder: Any = None,
                  meters: Mapping[Hashable, Any] | None = None):
@@ -614,6 +655,17 @@ class Network:
         self._timer_cbs = [self._on_timer]
         self._spare: _Timer | None = None                     # a timer that has fired, to schedule again
         self._latency_cbs = [self._latency_done]   # every latency timer's callbacks (read-only)
+        # latency ends of the flows requested at the instant _lat_now (batch_events): the first's
+        # instant, then by instant: None while only the first to end then has its own timeout, then
+        # the batch of the next ones (its items None once done)
+        self._lat_now: float | None = None
+        self._lat_first = 0.0
+        self._lat_recent: dict[float, _Batch | None] | None = None
+        self._lat_batch_cbs = [self._latency_batch_done]
+        self._dbatch: _Batch | None = None          # the deliveries of this instant not processed yet
+        self._dfirst: float | None = None           # the instant of the last delivery with its own entry
+        self._dbatch_cbs = [self._delivery_batch_done]
+        self._shared = 0   # latency ends and deliveries processed without an entry of their own
         self._n_active = 0
         self._heap_changed = False   # since the last _arm_timer: a flow rated, closed or off its edges
         # scratch space of the recomputation, indexed by edge (see _recompute and _fill)
@@ -665,7 +717,7 @@ class Network:
             self._delivered += 1
             self._bytes_delivered += f.nbytes
             self._record(f)
-            _fire(f)
+            self._deliver(f)
             return ev
         key = si * len(self._nodes) + di
         route = self._pairs.get(key, _MISS)
@@ -845,7 +897,13 @@ class Network:
             delivered=self._delivered,
             dropped=self._dropped,
             bytes_delivered=self._bytes_delivered,
+            events_shared=self.events_shared,
         )
+
+    @property
+    def events_shared(self) -> int:
+        """:attr:`NetworkStats.events_shared` so far, without settling anything (cheap)."""
+        return self._shared
 
     def capacity(self, u: Hashable, v: Hashable) -> float:
         """Current capacity (bits/s) of the directed edge ``u -> v``."""
@@ -1081,9 +1139,152 @@ class Network:
         f._rt = route
         f._rep = self._epoch
         if latency > 0:
-            _LatencyTimer(self.env, latency, f, self._latency_cbs)
+            env = self.env
+            if self.batch_events:
+                # What env.timeout(latency) would do, without an event per flow: of the flows
+                # requested at one instant whose latencies end at the same instant `at`, the first
+                # gets a timeout of its own; the next ones take the eids their timeouts would have
+                # had and share one queued entry, which processes them in eid order and steps aside
+                # whenever another queued event comes between two of them (_run_batch). Same order,
+                # same instants, same eids as a timeout per flow; a burst of transfers (a FedAvg
+                # round's downloads) costs two events per distinct latency. A flow requested alone
+                # at its instant (staggered starts) pays one comparison for it.
+                now = env._now
+                if now != self._lat_now:   # the first flow requested now
+                    self._lat_now = now
+                    self._lat_first = now + latency
+                    self._lat_recent = None
+                else:
+                    at = now + latency
+                    recent = self._lat_recent
+                    if recent is None:   # the second: ends by instant, from now on
+                        recent = self._lat_recent = {self._lat_first: None}
+                    b = recent.get(at, _MISS)
+                    if b is _MISS or (b is not None and b.items is None):   # the first to end then
+                        recent[at] = None   # (the batch done: only if at == now, a latency below rounding)
+                    elif b is None:   # the second to end then: a batch for it and the ones after
+                        eid = next(env._eid)
+                        recent[at] = b = _Batch(env, at, [eid, f], self._lat_batch_cbs)
+                        heapq.heappush(env._queue, (at, _NORMAL, eid, b))
+                        return
+                    else:
+                        b.items += (next(env._eid), f)
+                        self._shared += 1
+                        return
+            _LatencyTimer(env, latency, f, self._latency_cbs)
         else:
             self._latency_done(f)
+
+    def _latency_batch_done(self, b: _Batch) -> None:
+        """The callback of a batch of latency ends: :meth:`_latency_done` for each flow in turn."""
+        self._run_batch(b, self._latency_done)
+
+    def _deliver(self, f: Flow) -> None:
+        """Fire delivered ``f``'s event (:func:`_fire`). With ``batch_events`` the events fired at
+        one instant share one queued entry: each is triggered now (as ``succeed`` does), takes the
+        event number its own entry would have, and has its callbacks run, in that order, by the
+        batch (:meth:`_run_batch`), as ``Environment.step`` would run them."""
+        b = self._dbatch
+        env = self.env
+        if b is None:
+            now = env._now
+            if self._dfirst != now or not self.batch_events:   # the first at this instant: its own entry
+                self._dfirst = now
+                _fire(f)
+                return
+            ev, f.event = f.event, None   # the second: a batch for it and the ones after
+            ev._ok = True
+            ev._value = f
+            eid = next(env._eid)
+            self._dbatch = b = _Batch(env, now, [eid, ev], self._dbatch_cbs)
+            heapq.heappush(env._queue, (now, _NORMAL, eid, b))
+        else:   # (a batch is only pending at the instant it was made: it is done before time moves on)
+            ev, f.event = f.event, None
+            ev._ok = True
+            ev._value = f
+            b.items += (next(env._eid), ev)
+            self._shared += 1
+
+    def _delivery_batch_done(self, b: _Batch) -> None:
+        if self._run_batch(b, _process_event):
+            self._dbatch = None
+
+    def _run_batch(self, b: _Batch, handle) -> bool:
+        """The callback of batch ``b`` (SimPy has just popped its entry): process its items from
+        ``b.next`` on with ``handle``, in order, each only when no other queued event comes before
+        it in SimPy's order (time, priority, eid); else leave an entry of ``b`` queued for it and
+        return. True when every item is done.
+
+        While items remain, an entry of ``b`` stays in the queue under a key no later than the next
+        item's (``b.queued``), so that whatever looks at the queue meanwhile (``env.peek()``, a
+        chain, the inline delivery) sees that something is due, as it would see the items' own
+        entries; it is taken out (at the root of the heap then) before the last item. If ``handle``
+        raises, the items after it stay queued and the exception goes on to ``env.step``'s caller."""
+        q = self.env._queue
+        lst = b.items
+        at = b.at
+        i = b.next
+        b.queued = False   # (SimPy popped it)
+        if b.pops:
+            self._shared -= 1   # each pop after the first is an event the items' own entries had too
+        b.pops += 1
+        if q:   # the entry's key may be an earlier item's: is anything else due before this one?
+            h = q[0]
+            if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < lst[i])):
+                b.next = i
+                self._queue_batch(b, i)
+                return False
+        try:
+            while True:
+                if i + 2 < len(lst):
+                    if not b.queued:
+                        self._queue_batch(b, i + 2)
+                elif b.queued:   # the last item: nothing else is due before it, so b's entry is the root
+                    heapq.heappop(q)
+                    b.queued = False
+                handle(lst[i + 1])
+                i += 2
+                if i >= len(lst):
+                    b.items = None
+                    return True
+                e = lst[i]
+                if b.queued:
+                    h = q[0]
+                    if h[3] is not b:
+                        break   # something came before b's entry, so before item i
+                    for k in (1, 2):   # the smallest other entry is a child of the root
+                        if k < len(q):
+                            h = q[k]
+                            if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < e)):
+                                break
+                    else:
+                        continue
+                    break
+                if q:
+                    h = q[0]
+                    if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < e)):
+                        break
+        except BaseException:
+            i += 2
+            if i >= len(lst):
+                b.items = None
+                if b is self._dbatch:
+                    self._dbatch = None
+            else:
+                b.next = i
+                if not b.queued:
+                    self._queue_batch(b, i)
+            raise
+        b.next = i
+        if not b.queued:
+            self._queue_batch(b, i)
+        return False
+
+    def _queue_batch(self, b: _Batch, i: int) -> None:
+        """Queue an entry of ``b`` under item ``i``'s eid."""
+        b.callbacks = self._dbatch_cbs if b is self._dbatch else self._lat_batch_cbs
+        heapq.heappush(self.env._queue, (b.at, _NORMAL, b.items[i], b))
+        b.queued = True
 
     def _latency_done(self, f: Flow | _LatencyTimer) -> None:
         """The latency phase of ``f`` is over (the callback of its timer, or called with the flow)."""
@@ -1095,7 +1296,7 @@ class Network:
         if f.nbytes == 0:
             f.data_start = self.env._now
             self._close(f, "delivered")
-            _fire(f)
+            self._deliver(f)
             return
         # the route as of now (links may have changed); the cached one if no link went down or up
         route = f._rt if f._rep == self._epoch else self._route_idx(f._si, f._di)
@@ -1474,7 +1675,7 @@ class Network:
             if done is not None:
                 for f in done:
                     self._close(f, "delivered")
-                    _fire(f)
+                    self._deliver(f)
                 self._dirty.clear()   # only edges of this component were touched
             if keep:
                 self._assign(keep, self._rates(keep), now)
@@ -1739,7 +1940,7 @@ class Network:
                 if f._hseq != at[i]:
                     continue
                 if last is not None:
-                    _fire(last)
+                    self._deliver(last)
                 if local and not self._leave_local(f):
                     local = False
                 self._close(f, "delivered")
@@ -1748,7 +1949,7 @@ class Network:
             self._arm_timer()
             return
         if not local:
-            _fire(last)
+            self._deliver(last)
             self._request_recompute()
             self._arm_timer()
             return
@@ -1756,7 +1957,7 @@ class Network:
         self._arm_timer()     # (at a time after now: every finish up to now was popped)
         q = self.env._queue
         if (q and q[0][0] <= now) or not self.inline_delivery:
-            _fire(last)
+            self._deliver(last)
             return
         # Nothing else is due now, so the flow's event, fired here, would be the very next event
         # processed, with every bit of state as it is now: process it here instead (what
