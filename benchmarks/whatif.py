@@ -27,7 +27,7 @@ process per device with a download timeout, one timeout per local step, an uploa
 ``all_of`` and an aggregation timeout; no network, energy or records). The one-process loop rate
 (:func:`benchmarks.network.raw_timeouts`) and 10,000 concurrent timeout loops are reported beside
 it, with the ratios they would give. (Until 2026-11-30 the one-process loop rate was the
-denominator; RESULTS.md gives both.) 
+denominator; RESULTS.md gives both.)
 
 **Interleaved.** This VM's speed drifts by 10-20 % over minutes, so a rate measured before or
 after a one-minute run can be off by that much against the run itself (one pair of reps gave

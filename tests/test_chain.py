@@ -166,11 +166,11 @@ def test_random_fault_timelines_are_identical_with_and_without_chains(crash, bat
     assert_identical(on, off)
 
 
-# -- whole runs, latency phases batched and one timeout per flow -----------------------------------------
+# -- whole runs, same-instant latency ends and deliveries batched, and one entry each ---------------------
 @pytest.mark.parametrize("algo, train", [("fedavg", True), ("splitfed", True), ("fedavg", False)])
-def test_batched_latency_phases_give_the_per_flow_timeout_run(algo, train, monkeypatch):
-    # a round's downloads start together, so their latency phases end together and share one queued
-    # entry (Network.batch_events); with crashes, a link failure, a battery and dropouts in the mix
+def test_batched_events_give_the_run_with_an_entry_each(algo, train, monkeypatch):
+    # a round's downloads start together, so their latency phases (and many deliveries) end together
+    # and share one queued entry (Network.batch_events); with crashes, a link failure, a battery and dropouts in the mix
     # the run must be the one with a timeout per flow, to the bit
     sc = scenario({"name": algo, "lr": 0.05}, train=train, faults=FAULTS, rounds=4,
                   availability={"kind": "dropout", "dropout_p": 0.2}, counts={"rpi4": 3, "phone-midrange": 3})

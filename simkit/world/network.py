@@ -243,11 +243,26 @@ def _fire(f: Flow, exc: BaseException | None = None) -> None:
         ev.fail(exc)
 
 
+def _trigger(f: Flow) -> simpy.Event:
+    """Trigger delivered ``f``'s event with the flow, as ``succeed`` does, but without queueing it;
+    let go of it (see :func:`_fire`). Returns the event."""
+    ev, f.event = f.event, None
+    ev._ok = True
+    ev._value = f
+    return ev
+
+
 def _process_event(ev: simpy.Event) -> None:
     """Run a triggered event's callbacks, as ``Environment.step`` does when it pops the event."""
     cbs, ev.callbacks = ev.callbacks, None
     for cb in cbs:
         cb(ev)
+
+
+def _before(entry: tuple, at: float, eid: int) -> bool:
+    """Does the queue entry ``(time, priority, eid, event)`` come before a normal-priority one
+    numbered ``eid`` at ``at`` (no earlier than now) in SimPy's order?"""
+    return entry[0] == at and (entry[1] < _NORMAL or (entry[1] == _NORMAL and entry[2] < eid))
 
 
 class NetworkStats(NamedTuple):
@@ -505,6 +520,7 @@ class _Batch(simpy.events.Event):
         self.callbacks = callbacks
         self._ok = True
         self._value = None
+        self.cbs = callbacks   # (SimPy sets .callbacks to None as it pops an entry)
         self.at = at
         self.items = items
         self.next = 0          # the next item to process
@@ -1192,28 +1208,25 @@ class Network:
                 self._dfirst = now
                 _fire(f)
                 return
-            ev, f.event = f.event, None   # the second: a batch for it and the ones after
-            ev._ok = True
-            ev._value = f
-            eid = next(env._eid)
-            self._dbatch = b = _Batch(env, now, [eid, ev], self._dbatch_cbs)
+            eid = next(env._eid)   # the second: a batch for it and the ones after
+            self._dbatch = b = _Batch(env, now, [eid, _trigger(f)], self._dbatch_cbs)
             heapq.heappush(env._queue, (now, _NORMAL, eid, b))
         else:   # (a batch is only pending at the instant it was made: it is done before time moves on)
-            ev, f.event = f.event, None
-            ev._ok = True
-            ev._value = f
-            b.items += (next(env._eid), ev)
+            b.items += (next(env._eid), _trigger(f))
             self._shared += 1
 
     def _delivery_batch_done(self, b: _Batch) -> None:
-        if self._run_batch(b, _process_event):
-            self._dbatch = None
+        try:
+            self._run_batch(b, _process_event)
+        finally:
+            if b.items is None:   # all done (even if the last callback raised)
+                self._dbatch = None
 
-    def _run_batch(self, b: _Batch, handle) -> bool:
+    def _run_batch(self, b: _Batch, handle) -> None:
         """The callback of batch ``b`` (SimPy has just popped its entry): process its items from
         ``b.next`` on with ``handle``, in order, each only when no other queued event comes before
         it in SimPy's order (time, priority, eid); else leave an entry of ``b`` queued for it and
-        return. True when every item is done.
+        return. ``b.items`` is None once every item is done.
 
         While items remain, an entry of ``b`` stays in the queue under a key no later than the next
         item's (``b.queued``), so that whatever looks at the queue meanwhile (``env.peek()``, a
@@ -1222,20 +1235,14 @@ class Network:
         raises, the items after it stay queued and the exception goes on to ``env.step``'s caller."""
         q = self.env._queue
         lst = b.items
-        at = b.at
         i = b.next
         b.queued = False   # (SimPy popped it)
         if b.pops:
             self._shared -= 1   # each pop after the first is an event the items' own entries had too
         b.pops += 1
-        if q:   # the entry's key may be an earlier item's: is anything else due before this one?
-            h = q[0]
-            if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < lst[i])):
-                b.next = i
-                self._queue_batch(b, i)
-                return False
         try:
-            while True:
+            # (the entry's key may be an earlier item's: check the first one too)
+            while not self._other_first(b, lst[i]):
                 if i + 2 < len(lst):
                     if not b.queued:
                         self._queue_batch(b, i + 2)
@@ -1246,43 +1253,35 @@ class Network:
                 i += 2
                 if i >= len(lst):
                     b.items = None
-                    return True
-                e = lst[i]
-                if b.queued:
-                    h = q[0]
-                    if h[3] is not b:
-                        break   # something came before b's entry, so before item i
-                    for k in (1, 2):   # the smallest other entry is a child of the root
-                        if k < len(q):
-                            h = q[k]
-                            if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < e)):
-                                break
-                    else:
-                        continue
-                    break
-                if q:
-                    h = q[0]
-                    if h[0] == at and (h[1] < _NORMAL or (h[1] == _NORMAL and h[2] < e)):
-                        break
+                    return
         except BaseException:
             i += 2
             if i >= len(lst):
                 b.items = None
-                if b is self._dbatch:
-                    self._dbatch = None
             else:
-                b.next = i
-                if not b.queued:
-                    self._queue_batch(b, i)
+                self._leave_queued(b, i)
             raise
+        self._leave_queued(b, i)
+
+    def _leave_queued(self, b: _Batch, i: int) -> None:
+        """Item ``i`` of ``b`` is next; make sure an entry of ``b`` is queued for it."""
         b.next = i
         if not b.queued:
             self._queue_batch(b, i)
-        return False
+
+    def _other_first(self, b: _Batch, eid: int) -> bool:
+        """Is an event other than ``b``'s own entry queued before ``b``'s item numbered ``eid``?"""
+        q = self.env._queue
+        if not q:
+            return False
+        h = q[0]
+        if h[3] is b:   # then the smallest other entry is a child of the root
+            return (len(q) > 1 and _before(q[1], b.at, eid)) or (len(q) > 2 and _before(q[2], b.at, eid))
+        return _before(h, b.at, eid)
 
     def _queue_batch(self, b: _Batch, i: int) -> None:
         """Queue an entry of ``b`` under item ``i``'s eid."""
-        b.callbacks = self._dbatch_cbs if b is self._dbatch else self._lat_batch_cbs
+        b.callbacks = b.cbs
         heapq.heappush(self.env._queue, (b.at, _NORMAL, b.items[i], b))
         b.queued = True
 
@@ -1963,6 +1962,7 @@ class Network:
         # processed, with every bit of state as it is now: process it here instead (what
         # Environment.step does with it) and spare it the trip through the event queue. (One
         # call of env.step() then runs both; env.run() cannot tell.)
+        # (_process_event(_trigger(last)), inlined: once per lone delivery)
         ev, last.event = last.event, None
         ev._ok = True
         ev._value = last
