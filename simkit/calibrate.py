@@ -1,17 +1,26 @@
 """Calibrate a device profile on this host, and check the compute model's fidelity.
 
 ``simkit calibrate`` times real training steps (forward + backward + SGD step) of the workload's
-model parts -- the client part, the server part and the whole model -- on this machine, at the
-workload's batch size, and counts their FLOPs the same way the simulator does
-(``torch.utils.flop_counter``). It then fits the compute model the simulator uses,
+model parts -- the client part and the server part at every cut the model allows, and the whole
+model -- on this machine, at half, once and twice the workload's batch size, and counts their work
+the way the simulator does (:func:`simkit.learning.flops.count_flops`: FLOPs, bytes the ops write,
+kernels). It then fits the compute model the simulator uses (:class:`simkit.config.DeviceProfile`,
+``docs/model.md``),
 
-    step time = flops / R + overhead,
+    step time = flops / R + bytes / B + overhead + kernels * kernel_overhead,
 
-by least squares over the measured (flops, seconds) points (R = effective FLOP/s, overhead = fixed
-per-step cost), and writes a device profile with ``peak_flops = R``, ``efficiency = 1`` and
-``step_overhead_s = overhead``. Fidelity is reported per model part as the ratio of the simulated
-step time on that profile to the measured host step time (1.0 is perfect); ``calibration_error_max``
-is the largest ``exp(|log ratio|)``.
+to the measured points (15 for the digits CNN), minimising the squared *relative* error with
+every coefficient non-negative (Lawson & Hanson's NNLS, ``scipy.optimize.nnls``), and writes a
+device profile with
+``peak_flops = R``, ``efficiency = 1``, ``traffic_bytes_per_s = B``, ``step_overhead_s`` and
+``kernel_overhead_s``. The memory term is a roofline's other side (Williams, Waterman & Patterson,
+CACM 2009): on small inputs the elementwise work and activation traffic, not the FLOPs, set the
+time (a 1-channel convolution on 8x8 digits runs at a fifth of the FLOP rate of the layers after
+it); the kernel term is the fixed cost of each op whatever its size (as in Paleo, Qi et al.,
+ICLR 2017), which dominates a small model's step. Fidelity is reported per model part (the
+workload's cut) at the workload's batch size as the ratio of the simulated step time on that
+profile to the measured host step time (1.0 is perfect); ``calibration_error_max`` is the largest
+``exp(|log ratio|)`` of the three.
 
 This module reads the host clock -- it measures the host on purpose; nothing here feeds simulated
 time except through the profile it writes.
@@ -29,61 +38,107 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from scipy.optimize import nnls
 from torch import nn
 
 from simkit.config import Scenario
 from simkit.learning.data import load_dataset
 from simkit.learning.flops import count_flops
-from simkit.learning.models import build_split_model
-
+from simkit.learning.models import build_split_model, layer_count
 
 @dataclass
 class PartTiming:
+    """One measured training step: a model part (split at ``cut``; 0 for the whole model) at a
+    batch size, its counted work, its median time."""
+
     part: str
     flops: float
     seconds: float  # median measured seconds per step
+    nbytes: float = 0.0  # bytes its ops write (forward + backward)
+    kernels: int = 0     # kernels it runs (forward + backward)
+    batch: int = 0
+    cut: int = 0
 
 
 @dataclass
 class Calibration:
+    """A fitted compute model and the points it was fitted to.
+
+    ``traffic_bytes_per_s`` is None when the fit gives memory traffic no cost (the profile then
+    has no traffic rate: the pure FLOP-rate model). ``batch`` is the workload's batch size: the
+    fidelity figures are the parts' at that size and the workload's ``cut``.
+    """
+
     effective_flops: float
     overhead_s: float
     parts: list[PartTiming]
+    traffic_bytes_per_s: float | None = None
+    kernel_overhead_s: float = 0.0
+    batch: int = 0
+    cut: int = 0
 
-    def predicted(self, flops: float) -> float:
-        return flops / self.effective_flops + self.overhead_s
+    def predicted(self, flops: float, nbytes: float = 0.0, kernels: int = 0) -> float:
+        """Simulated seconds of one step on the calibrated profile (as Device.compute_time)."""
+        traffic = nbytes / self.traffic_bytes_per_s if self.traffic_bytes_per_s else 0.0
+        return flops / self.effective_flops + traffic + self.overhead_s + kernels * self.kernel_overhead_s
+
+    def ratio(self, p: PartTiming) -> float:
+        """Simulated / measured step time of one measured point."""
+        return self.predicted(p.flops, p.nbytes, p.kernels) / p.seconds
+
+    def fidelity_points(self) -> list[PartTiming]:
+        """The measured points at the workload's batch size and cut, and the whole model's (every
+        point if none matches)."""
+        at = [p for p in self.parts if p.batch == self.batch and p.cut in (0, self.cut)]
+        return at or list(self.parts)
 
     def ratios(self) -> dict[str, float]:
-        """Simulated / measured step time per part."""
-        return {p.part: self.predicted(p.flops) / p.seconds for p in self.parts}
+        """Simulated / measured step time per part, at the workload's batch size."""
+        return {p.part: self.ratio(p) for p in self.fidelity_points()}
 
     @property
     def error_max(self) -> float:
-        """Largest |log ratio| as a factor (1.12 means 12% off in the worse direction)."""
+        """Largest |log ratio| as a factor (1.12 means 12% off in the worse direction), over the
+        parts at the workload's batch size."""
         return max(math.exp(abs(math.log(r))) for r in self.ratios().values())
+
+    @property
+    def fit_error_max(self) -> float:
+        """The same over every measured point (all batch sizes)."""
+        return max(math.exp(abs(math.log(self.ratio(p)))) for p in self.parts)
 
     def profile(self, name: str = "host") -> dict:
         cores = torch.get_num_threads()
-        return {
+        cuts = ", ".join(str(c) for c in sorted({p.cut for p in self.parts} - {0}))
+        fitted = "measured: non-negative least-squares fit of step time = flops/R + bytes/B + overhead + " \
+                 f"kernels * kernel_overhead over {len(self.parts)} training steps (client and server parts " \
+                 f"at cut {cuts or '-'} and the whole model, at batch " \
+                 f"{', '.join(str(b) for b in sorted({p.batch for p in self.parts}))}) (H)"
+        prof = {
             "name": name,
             "description": f"this host, calibrated by simkit calibrate ({cores} torch thread(s))",
             "peak_flops": float(self.effective_flops),
             "efficiency": 1.0,
             "memory_bytes": 8.0e9,
             "step_overhead_s": float(self.overhead_s),
+            "kernel_overhead_s": float(self.kernel_overhead_s),
+            **({"traffic_bytes_per_s": float(self.traffic_bytes_per_s)} if self.traffic_bytes_per_s else {}),
             "power": {"idle_w": 10.0, "compute_w": 30.0},
             "default_access": "ethernet",
             "kind": "client",
             "sources": {
-                "peak_flops": "measured: least-squares fit of step time = flops/R + overhead over the "
-                              f"client, server and whole-model training steps ({', '.join(p.part for p in self.parts)})",
-                "efficiency": "1.0 by construction (peak_flops is the measured effective rate)",
-                "step_overhead_s": "measured: intercept of the same fit",
-                "memory_bytes": "placeholder (not measured)",
-                "power.idle_w": "placeholder (not measured; edit for your host)",
-                "power.compute_w": "placeholder (not measured; edit for your host)",
+                "peak_flops": fitted,
+                "efficiency": "1.0 by construction (peak_flops is the measured effective rate) (H)",
+                "step_overhead_s": "measured: the same fit's constant term (H)",
+                "kernel_overhead_s": "measured: the same fit's per-kernel term (H)",
+                "memory_bytes": "placeholder (not measured) (L)",
+                "power.idle_w": "placeholder (not measured; edit for your host) (L)",
+                "power.compute_w": "placeholder (not measured; edit for your host) (L)",
             },
         }
+        if self.traffic_bytes_per_s:
+            prof["sources"]["traffic_bytes_per_s"] = "measured: the same fit's bytes term (H)"
+        return prof
 
 
 def _train_step_fn(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None, upstream: torch.Tensor | None):
@@ -121,46 +176,78 @@ def _time(step, min_time: float, reps: int) -> float:
     return statistics.median(samples)
 
 
+def measure_parts(scenario: Scenario, *, batches=None, cuts=None, min_time: float = 0.3,
+                  reps: int = 5) -> list[PartTiming]:
+    """Time a training step of the scenario's model parts and count their work: the client and the
+    server part at each cut in ``cuts`` (default: every cut the model allows) and the whole model,
+    at each batch size in ``batches`` (default: half, once and twice the workload's)."""
+    wl = scenario.workload
+    data = load_dataset(wl.dataset, path=wl.data_path)
+    m = wl.model
+    if cuts is None:
+        cuts = range(1, layer_count(m.family, data.input_shape))
+    if batches is None:
+        batches = sorted({max(1, wl.batch_size // 2), wl.batch_size, 2 * wl.batch_size})
+
+    def split(cut):
+        return build_split_model(m.family, data.input_shape, data.num_classes, cut=cut, width=m.width,
+                                 generator=torch.Generator().manual_seed(0))
+
+    models = {cut: split(cut) for cut in cuts}
+    whole = split(m.cut).whole()
+    parts = []
+    for b in batches:
+        idx = np.arange(b) % len(data.x)   # (as many samples as the batch needs, repeating a small set)
+        x = torch.tensor(np.array(data.x[idx]), dtype=torch.float32)
+        y = torch.tensor(np.array(data.y[idx]))
+        for cut, sm in models.items():
+            act = sm.client(x).detach()
+            # client part: forward + backward from an upstream gradient (as in split learning)
+            fc = count_flops(sm.client, tuple(x.shape), backward=True)
+            step = _train_step_fn(sm.client, x, None, torch.ones_like(act))
+            parts.append(_point("client", b, cut, fc, _time(step, min_time, reps)))
+            # server part: the cut activation with its input gradient
+            fs = count_flops(sm.server, tuple(act.shape), backward=True, input_requires_grad=True)
+            step = _train_step_fn(sm.server, act.clone().requires_grad_(True), y, None)
+            parts.append(_point("server", b, cut, fs, _time(step, min_time, reps)))
+        fw = count_flops(whole, tuple(x.shape), backward=True)
+        parts.append(_point("whole", b, 0, fw, _time(_train_step_fn(whole, x, y, None), min_time, reps)))
+    return parts
+
+
+def _point(part: str, batch: int, cut: int, fc, seconds: float) -> PartTiming:
+    return PartTiming(part, float(fc.fwd + fc.bwd), seconds, float(fc.fwd_bytes + fc.bwd_bytes),
+                      fc.fwd_kernels + fc.bwd_kernels, batch, cut)
+
+
 def calibrate(scenario: Scenario, *, min_time: float = 0.3, reps: int = 5) -> Calibration:
     """Measure the scenario's workload model parts on this host and fit the compute model."""
     wl = scenario.workload
-    data = load_dataset(wl.dataset, path=wl.data_path)
-    gen = torch.Generator().manual_seed(0)
-    sm = build_split_model(wl.model.family, data.input_shape, data.num_classes, cut=wl.model.cut, width=wl.model.width,
-                           generator=gen)
-    b = wl.batch_size
-    x = torch.tensor(np.array(data.x[:b]), dtype=torch.float32)
-    y = torch.tensor(np.array(data.y[:b]))
-    act = sm.client(x).detach()
-    parts = []
-    # client part: forward + backward from an upstream gradient (as in split learning)
-    upstream = torch.ones_like(act)
-    fc = count_flops(sm.client, tuple(x.shape), backward=True)
-    parts.append(PartTiming("client", fc.fwd + fc.bwd, _time(_train_step_fn(sm.client, x, None, upstream), min_time, reps)))
-    # server part: the cut activation with its input gradient
-    fs = count_flops(sm.server, tuple(act.shape), backward=True, input_requires_grad=True)
-    a = act.clone().requires_grad_(True)
-    parts.append(PartTiming("server", fs.fwd + fs.bwd, _time(_train_step_fn(sm.server, a, y, None), min_time, reps)))
-    whole = sm.whole()
-    fw = count_flops(whole, tuple(x.shape), backward=True)
-    parts.append(PartTiming("whole", fw.fwd + fw.bwd, _time(_train_step_fn(whole, x, y, None), min_time, reps)))
-    return fit(parts)
+    return fit(measure_parts(scenario, min_time=min_time, reps=reps), batch=wl.batch_size, cut=wl.model.cut)
 
 
-def fit(parts: list[PartTiming]) -> Calibration:
-    """Fit the compute model ``t = flops / R + o`` to measured parts.
+def fit(parts: list[PartTiming], *, batch: int | None = None, cut: int | None = None) -> Calibration:
+    """Fit the compute model ``t = flops/R + bytes/B + o + kernels*o_k`` to measured points.
 
-    Least squares on the relative error, ``min sum ((flops/R + o)/t - 1)^2`` -- linear in
-    ``(1/R, o)`` -- so each part counts by its ratio, not its absolute time (the whole model would
-    otherwise dominate). If that gives no positive rate (timings dominated by fixed cost), a pure
-    rate through the origin (``R = sum flops / sum t``, ``o = 0``); a negative ``o`` is clipped to 0.
+    Minimises the squared relative error ``sum ((flops/R + bytes/B + o + kernels*o_k)/t - 1)^2``
+    -- linear in ``(1/R, 1/B, o, o_k)`` -- with every coefficient >= 0 (NNLS), so each point
+    counts by its ratio, not its absolute time (the whole model would otherwise dominate), and no
+    term can be negative work. A term the points cannot tell apart from the others (e.g. no
+    bytes counted) comes out 0. If no positive FLOP rate results (timings that fall as FLOPs
+    grow), a pure rate through the origin: ``R = sum flops / sum t``, every other term 0.
+    ``batch``, ``cut``: the workload's (whose points the fidelity figures use; default: the first point's).
     """
-    A = np.array([[p.flops / p.seconds, 1.0 / p.seconds] for p in parts])
-    inv_r, o = np.linalg.lstsq(A, np.ones(len(parts)), rcond=None)[0]
-    if inv_r <= 0:  # degenerate (timings dominated by overhead): pure rate fit through the origin
-        inv_r, o = sum(p.seconds for p in parts) / sum(p.flops for p in parts), 0.0
-    o = max(0.0, float(o))
-    return Calibration(effective_flops=1.0 / float(inv_r), overhead_s=o, parts=list(parts))
+    A = np.array([[p.flops, p.nbytes, 1.0, p.kernels] for p in parts]) / np.array([[p.seconds] for p in parts])
+    scale = np.abs(A).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(A / scale, np.ones(len(parts)))
+    inv_r, inv_b, o, o_t = (float(c) for c in coef / scale)
+    if inv_r <= 0:  # degenerate (timings dominated by fixed cost): pure rate fit through the origin
+        inv_r, inv_b, o, o_t = sum(p.seconds for p in parts) / sum(p.flops for p in parts), 0.0, 0.0, 0.0
+    return Calibration(effective_flops=1.0 / inv_r, overhead_s=o, parts=list(parts),
+                       traffic_bytes_per_s=1.0 / inv_b if inv_b > 0 else None, kernel_overhead_s=o_t,
+                       batch=batch if batch is not None else (parts[0].batch if parts else 0),
+                       cut=cut if cut is not None else next((p.cut for p in parts if p.cut), 0))
 
 
 def write_profile(cal: Calibration, path: str | Path, name: str = "host") -> Path:

@@ -59,7 +59,8 @@ def profiles_show(name: str, directory: Optional[Path] = typer.Option(None, "--d
     table = Table("field", "value", "source", title=f"{p.name}: {p.description}")
     flat = {
         "peak_flops": p.peak_flops, "efficiency": p.efficiency, "memory_bytes": p.memory_bytes,
-        "step_overhead_s": p.step_overhead_s, "idle_w": p.power.idle_w, "compute_w": p.power.compute_w,
+        "step_overhead_s": p.step_overhead_s, "traffic_bytes_per_s": p.traffic_bytes_per_s,
+        "kernel_overhead_s": p.kernel_overhead_s, "idle_w": p.power.idle_w, "compute_w": p.power.compute_w,
         "default_access": p.default_access, "battery_j": p.battery_j, "kind": p.kind,
     }
     for k, v in flat.items():
@@ -281,7 +282,9 @@ def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario
                                                                          "(default: digits, CNN, cut 1, batch 32)"),
                   out: Path = typer.Option(Path("host.yaml"), "--out", help="device profile to write"),
                   name: str = typer.Option("host", "--name", help="profile name (the file stem must match)"),
-                  threads: int = typer.Option(1, "--threads", help="torch threads while measuring")) -> None:
+                  threads: int = typer.Option(1, "--threads", help="torch threads while measuring"),
+                  min_time: float = typer.Option(0.3, "--min-time", min=0.001,
+                                                 help="seconds per timed run of a step (more: less noise)")) -> None:
     """Measure this host's effective FLOP/s on the workload's model parts and write a device profile."""
     import torch
 
@@ -291,20 +294,26 @@ def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario
     try:
         sc = load_scenario(scenario) if scenario else scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}})
         torch.set_num_threads(threads)
-        cal = calibrate(sc)
+        cal = calibrate(sc, min_time=min_time)
         if out.stem != name:
             out = out.with_name(f"{name}.yaml")
         write_profile(cal, out, name)
     except SimkitError as exc:
         _fail(exc)
-    table = Table("part", "FLOPs / step", "measured ms", "simulated ms", "simulated / measured",
-                  title=f"{cal.effective_flops / 1e9:,.2f} GFLOP/s effective, {cal.overhead_s * 1e6:,.0f} us "
-                        f"per-step overhead ({threads} thread(s))")
+    traffic = f"{cal.traffic_bytes_per_s / 1e9:,.2f} GB/s written" if cal.traffic_bytes_per_s else "traffic free"
+    table = Table("part", "cut", "batch", "FLOPs / step", "bytes written", "kernels", "measured ms", "simulated ms",
+                  "simulated / measured",
+                  title=f"{cal.effective_flops / 1e9:,.2f} GFLOP/s effective, {traffic}, "
+                        f"{cal.overhead_s * 1e6:,.0f} us per step + {cal.kernel_overhead_s * 1e6:,.1f} us per kernel "
+                        f"({threads} thread(s))")
+    fidelity = {id(p) for p in cal.fidelity_points()}
     for p in cal.parts:
-        table.add_row(p.part, f"{p.flops:,.0f}", f"{p.seconds * 1e3:.3f}", f"{cal.predicted(p.flops) * 1e3:.3f}",
-                      f"{cal.predicted(p.flops) / p.seconds:.3f}")
+        table.add_row(p.part, str(p.cut or "-"), str(p.batch), f"{p.flops:,.0f}", f"{p.nbytes:,.0f}", str(p.kernels),
+                      f"{p.seconds * 1e3:.3f}", f"{cal.predicted(p.flops, p.nbytes, p.kernels) * 1e3:.3f}",
+                      f"{cal.ratio(p):.3f}" + (" *" if id(p) in fidelity else ""))
     console.print(table)
-    console.print(f"calibration_error_max {cal.error_max:.3f}; profile written to {out}", highlight=False)
+    console.print(f"calibration_error_max {cal.error_max:.3f} (* the workload's cut and batch; all points "
+                  f"{cal.fit_error_max:.3f}); profile written to {out}", highlight=False)
 
 
 def main() -> None:

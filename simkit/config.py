@@ -60,7 +60,15 @@ class PowerSpec(Spec):
 class DeviceProfile(Spec):
     """One device class (``device_profiles/NAME.yaml``).
 
-    Compute time of ``flops`` FLOPs is ``flops / (peak_flops * efficiency) + step_overhead_s``.
+    Compute time of ``flops`` FLOPs that write ``bytes`` of tensor data in ``kernels`` kernels
+    (all counted by :func:`simkit.learning.flops.count_flops`) is
+
+        flops / (peak_flops * efficiency) + bytes / traffic_bytes_per_s
+            + step_overhead_s + kernels * kernel_overhead_s
+
+    (``docs/compute-model.md``). The last three terms are optional: without
+    ``traffic_bytes_per_s`` memory traffic costs nothing and the model is the pure FLOP-rate one.
+    ``simkit calibrate`` measures all of them on a host.
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -69,6 +77,8 @@ class DeviceProfile(Spec):
     efficiency: Annotated[float, Field(gt=0, le=1)]
     memory_bytes: PositiveFloat
     step_overhead_s: NonNegFloat = 0.0
+    traffic_bytes_per_s: PositiveFloat | None = None   # effective rate of the bytes ops write; None: not modelled
+    kernel_overhead_s: NonNegFloat = 0.0               # fixed cost per kernel (ATen op) a compute runs
     power: PowerSpec
     default_access: str = "wifi"
     battery_j: PositiveFloat | None = None

@@ -416,10 +416,42 @@ def test_linear_flops_forward_and_backward_exact():
     lin = nn.Linear(64, 10)
     fwd = 2 * 32 * 64 * 10
     client = count_flops(lin, (32, 64))
-    assert client == FlopCount(fwd=fwd, bwd=fwd)  # weight grad only
+    # forward: one addmm writing the (32, 10) output; backward: an mm for the weight grad (10, 64)
+    # and a sum for the bias grad (10,) -- plus one detach per parameter as AccumulateGrad stores
+    # its grad (a view: no bytes, no kernel)
+    assert client == FlopCount(fwd=fwd, bwd=fwd, fwd_bytes=4 * 32 * 10, bwd_bytes=4 * (10 * 64 + 10),
+                               fwd_kernels=1, bwd_kernels=2)
     server = count_flops(lin, (32, 64), input_requires_grad=True)
     assert server.fwd == fwd and server.bwd == 2 * fwd > client.bwd  # + grad w.r.t. the input
-    assert count_flops(lin, (32, 64), backward=False).bwd == 0
+    assert server.bwd_bytes == client.bwd_bytes + 4 * 32 * 64       # ... one more mm, writing a (32, 64) tensor
+    assert server.bwd_kernels == client.bwd_kernels + 1
+    bare = count_flops(lin, (32, 64), backward=False)
+    assert (bare.bwd, bare.bwd_bytes, bare.bwd_kernels) == (0, 0, 0)
+
+
+def test_traffic_counts_elementwise_ops_and_leaves_out_views():
+    # ReLU adds no FLOPs but writes its output, and its backward writes the masked gradient;
+    # Flatten is a view (no bytes); a frozen layer's tensors are not updated
+    lin, relu = count_flops(nn.Linear(16, 8), (4, 16)), count_flops(nn.Sequential(nn.Linear(16, 8), nn.ReLU()), (4, 16))
+    assert (relu.fwd, relu.bwd) == (lin.fwd, lin.bwd)
+    assert relu.fwd_bytes == lin.fwd_bytes + 4 * 4 * 8 and relu.bwd_bytes == lin.bwd_bytes + 4 * 4 * 8
+    assert (relu.fwd_kernels, relu.bwd_kernels) == (lin.fwd_kernels + 1, lin.bwd_kernels + 1)
+    flat = count_flops(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)), (4, 4, 4))
+    assert (flat.fwd_bytes, flat.bwd_bytes, flat.fwd_kernels, flat.bwd_kernels) == \
+        (lin.fwd_bytes, lin.bwd_bytes, lin.fwd_kernels, lin.bwd_kernels)
+    # a frozen layer computes no weight grads: its backward writes and runs less
+    frozen = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 2))
+    live = count_flops(frozen, (4, 16))
+    frozen[0].requires_grad_(False)
+    cold = count_flops(frozen, (4, 16))
+    assert cold.fwd_bytes == live.fwd_bytes and cold.bwd_bytes < live.bwd_bytes and cold.bwd_kernels < live.bwd_kernels
+    # a split model's parts add up to the whole (client input takes no gradient, the server's does)
+    m = build_split_model("cnn", (1, 8, 8), 10, cut=1, width=4, generator=gen())
+    c = count_flops(m.client, (8, 1, 8, 8))
+    s = count_flops(m.server, (8, *m.cut_shape), input_requires_grad=True)
+    w = count_flops(m.whole(), (8, 1, 8, 8))
+    assert (w.fwd_bytes, w.bwd_bytes, w.fwd_kernels, w.bwd_kernels) == \
+        (c.fwd_bytes + s.fwd_bytes, c.bwd_bytes + s.bwd_bytes, c.fwd_kernels + s.fwd_kernels, c.bwd_kernels + s.bwd_kernels)
 
 
 def test_flop_counting_leaves_module_and_rng_alone():

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -51,36 +52,62 @@ def test_calibrate_fits_the_compute_model_and_writes_a_loadable_profile(tmp_path
     from simkit import scenario_from_dict
     from simkit.calibrate import calibrate, fit, write_profile
     from simkit.config import load_profile
+    from simkit.world.devices import Device
 
-    cal = calibrate(scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}}), min_time=0.03, reps=3)
-    assert [p.part for p in cal.parts] == ["client", "server", "whole"]
-    assert cal.parts[2].flops > cal.parts[1].flops > cal.parts[0].flops
-    assert cal.effective_flops > 1e6 and cal.overhead_s >= 0
+    cal = calibrate(scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}}), min_time=0.02, reps=3)
+    # digits CNN (2 conv blocks + linear): client and server at cuts 1 and 2, and the whole, at 16/32/64
+    assert [(p.part, p.cut, p.batch) for p in cal.parts[:5]] == [("client", 1, 16), ("server", 1, 16), ("client", 2, 16),
+                                                                 ("server", 2, 16), ("whole", 0, 16)]
+    assert sorted({p.batch for p in cal.parts}) == [16, 32, 64] and len(cal.parts) == 15
+    at = {p.part: p for p in cal.fidelity_points()}
+    assert sorted(at) == ["client", "server", "whole"] and {p.batch for p in at.values()} == {32}
+    assert at["whole"].flops == at["client"].flops + at["server"].flops
+    assert at["whole"].kernels == at["client"].kernels + at["server"].kernels
+    assert cal.effective_flops > 1e6 and cal.overhead_s >= 0 and cal.kernel_overhead_s >= 0
     # how close the fit comes depends on this host's timing noise (a benchmark figure,
     # calibration_error_max, not a test): here only that it is the fit of what was measured
-    refit = fit(cal.parts)
-    assert (refit.effective_flops, refit.overhead_s) == (cal.effective_flops, cal.overhead_s)
+    refit = fit(cal.parts, batch=32, cut=1)
+    assert (refit.effective_flops, refit.overhead_s, refit.kernel_overhead_s, refit.traffic_bytes_per_s) == \
+        (cal.effective_flops, cal.overhead_s, cal.kernel_overhead_s, cal.traffic_bytes_per_s)
     assert all(math.isfinite(r) and r > 0 for r in cal.ratios().values())
     prof = load_profile(write_profile(cal, tmp_path / "host.yaml"))
     assert prof.peak_flops == cal.effective_flops and prof.efficiency == 1.0
-    res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "host.yaml")])
+    assert (prof.traffic_bytes_per_s, prof.kernel_overhead_s) == (cal.traffic_bytes_per_s, cal.kernel_overhead_s)
+    # a device of that profile times each measured step as the calibration predicts it
+    dev = Device(None, "host", prof, node="host", meter=None, recorder=None)
+    for p in cal.parts:
+        assert dev.compute_time(p.flops, p.nbytes, p.kernels) == pytest.approx(cal.predicted(p.flops, p.nbytes, p.kernels),
+                                                                              rel=1e-12)
+    res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "host.yaml"), "--min-time", "0.01"])
     assert res.exit_code == 0 and "calibration_error_max" in res.output
 
 
 def test_calibration_fit_recovers_a_known_compute_model_exactly():
     from simkit.calibrate import PartTiming, fit
 
-    rate, over = 2.5e9, 4e-4
-    parts = [PartTiming(n, f, f / rate + over) for n, f in [("client", 1e6), ("server", 3e6), ("whole", 4e6)]]
+    rate, traffic, over, per_kernel = 2.5e9, 4e8, 1e-4, 3e-5
+    work = [("client", 1e6, 6e5, 6), ("server", 3e6, 2e5, 10), ("whole", 4e6, 8e5, 16), ("client", 2e6, 1.2e6, 6),
+            ("server", 6e6, 4e5, 10), ("whole", 8e6, 1.6e6, 16), ("server", 2e5, 1e4, 4)]
+    parts = [PartTiming(n, f, f / rate + b / traffic + over + k * per_kernel, b, k) for n, f, b, k in work]
     cal = fit(parts)
+    assert math.isclose(cal.effective_flops, rate, rel_tol=1e-6) and math.isclose(cal.traffic_bytes_per_s, traffic,
+                                                                                 rel_tol=1e-6)
+    assert math.isclose(cal.overhead_s, over, rel_tol=1e-6) and math.isclose(cal.kernel_overhead_s, per_kernel,
+                                                                             rel_tol=1e-6)
+    assert all(math.isclose(r, 1.0, rel_tol=1e-9) for r in cal.ratios().values()) and cal.fit_error_max < 1 + 1e-9
+    # noise: one point 20 % slow; the relative least squares spreads the error, none is above 20 %
+    noisy = fit(parts[:1] + [PartTiming("server", 3e6, parts[1].seconds * 1.2, 2e5, 10)] + parts[2:])
+    assert 1.0 < noisy.fit_error_max < 1.2
+    # no bytes counted: the traffic term drops out (no rate, not an infinite or negative one),
+    # and the pure FLOP-rate model is fitted exactly
+    plain = [PartTiming(n, f, f / rate + over, batch=32) for n, f, _, _ in work]
+    cal = fit(plain)
+    assert cal.traffic_bytes_per_s is None and cal.kernel_overhead_s == 0.0
     assert math.isclose(cal.effective_flops, rate, rel_tol=1e-9) and math.isclose(cal.overhead_s, over, rel_tol=1e-9)
-    assert all(math.isclose(r, 1.0, rel_tol=1e-9) for r in cal.ratios().values()) and cal.error_max < 1 + 1e-9
-    # noise: one part 20 % slow; the relative least squares spreads the error, none is above 20 %
-    noisy = fit([parts[0], PartTiming("server", 3e6, parts[1].seconds * 1.2), parts[2]])
-    assert 1.0 < noisy.error_max < 1.2
     # timings that fall as FLOPs grow give no positive rate: a pure rate through the origin
     flat = fit([PartTiming("client", 1e6, 3e-3), PartTiming("server", 3e6, 2e-3), PartTiming("whole", 4e6, 1e-3)])
     assert flat.overhead_s == 0.0 and math.isclose(flat.effective_flops, 8e6 / 6e-3, rel_tol=1e-12)
+    assert flat.traffic_bytes_per_s is None and flat.kernel_overhead_s == 0.0
 
 
 def test_plan_runs_a_study_yaml_first_then_reuses_it(tmp_path):

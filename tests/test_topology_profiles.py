@@ -40,8 +40,9 @@ def assert_two_way(p: Placement) -> None:
 
 
 def numeric_fields(profile: DeviceProfile) -> set[str]:
+    """The numbers the profile's file gives (a field left to its default, e.g. no traffic rate, makes no claim)."""
     out = set()
-    for key, value in profile.model_dump(exclude={"sources"}).items():
+    for key, value in profile.model_dump(exclude={"sources"}, exclude_unset=True).items():
         if isinstance(value, dict):
             out |= {f"{key}.{k}" for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -113,6 +114,8 @@ BAD_PROFILES = [
     ("profile-unknown-field.yaml", "turbo_boost", "unknown field"),
     ("profile-name-mismatch.yaml", "name", "does not match"),
     ("profile-not-yaml.yaml", None, "not valid YAML"),
+    ("profile-zero-traffic.yaml", "traffic_bytes_per_s", "greater than 0"),
+    ("profile-negative-kernel-overhead.yaml", "kernel_overhead_s", "greater than or equal to 0"),
 ]
 
 

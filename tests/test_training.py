@@ -81,6 +81,57 @@ def test_splitfed_bytes_are_sl_traffic_plus_client_model_sync():
     assert "relay" not in t
 
 
+@pytest.mark.parametrize("algo,train", [("sl", True), ("splitfed", True), ("fedavg", False), ("adasplit", False)])
+def test_memory_traffic_and_kernels_of_every_compute_reach_its_time(monkeypatch, algo, train):
+    """On profiles with a traffic rate and a per-kernel cost, every compute lasts
+    flops/R + bytes/B + overhead + kernels * per_kernel with the bytes and kernels that
+    count_flops gives its model parts at its batch size (sl runs its steps as chains)."""
+    import simkit.world.fleet as fleet
+    from simkit.learning.flops import count_flops
+    from simkit.world.fleet import get_profiles
+
+    extra = {"traffic_bytes_per_s": 3e8, "kernel_overhead_s": 2e-4}
+    profiles = {k: v.model_copy(update=extra) for k, v in get_profiles().items()}
+    monkeypatch.setattr(fleet, "get_profiles", lambda directory=None: profiles)
+    spec = {"name": algo, "rounds": 1, **({"local_epochs": 1} if algo in ("fedavg", "splitfed") else {})}
+    res = run(scenario(spec, max_samples=90, train=train))
+    _, sm = cut_numel()
+    prof_of = dict(zip(res.clients.client, res.clients.profile))
+    prof_of["server"] = "server-t4"
+    comp = res.records["compute"]
+    assert len(comp) > 0
+
+    def work(tag: str, b: int) -> tuple[int, int]:
+        cf = count_flops(sm.client, (b, 1, 8, 8))
+        sf = count_flops(sm.server, (b, *sm.cut_shape), input_requires_grad=True)
+        return {"client_fwd": (cf.fwd_bytes, cf.fwd_kernels), "client_bwd": (cf.bwd_bytes, cf.bwd_kernels),
+                "server_step": (sf.fwd_bytes + sf.bwd_bytes, sf.fwd_kernels + sf.bwd_kernels),
+                "train": (cf.fwd_bytes + cf.bwd_bytes + sf.fwd_bytes + sf.bwd_bytes,
+                          cf.fwd_kernels + cf.bwd_kernels + sf.fwd_kernels + sf.bwd_kernels)}[tag]
+
+    per_sample = {"client_fwd": count_flops(sm.client, (1, 1, 8, 8)).fwd,
+                  "client_bwd": count_flops(sm.client, (1, 1, 8, 8)).bwd,
+                  "server_step": count_flops(sm.server, (1, *sm.cut_shape), input_requires_grad=True).total}
+    per_sample["train"] = per_sample["client_fwd"] + per_sample["client_bwd"] + per_sample["server_step"]
+    checked = 0
+    for row in comp.itertuples():
+        p = profiles[prof_of[row.device]]
+        flop_model = row.flops / (p.peak_flops * p.efficiency) + p.step_overhead_s
+        took = row.end - row.start
+        if algo == "adasplit":   # its own head and masks: only that bytes and kernels reach every compute
+            assert took > flop_model + 2e-4
+            continue
+        if row.tag == "aggregate":   # a multiply-add per parameter per update, each writing the sum
+            k = row.flops / (2 * (model_bytes(sm.client) + model_bytes(sm.server)) / 4)
+            assert took == pytest.approx(flop_model + k * model_bytes(sm.whole()) / 3e8, rel=1e-9)
+            continue
+        b = round(row.flops / per_sample[row.tag])
+        nbytes, kernels = work(row.tag, b)
+        assert took == pytest.approx(flop_model + nbytes / 3e8 + kernels * 2e-4, rel=1e-9), (row.tag, b)
+        checked += 1
+    assert checked > 0 or algo == "adasplit"
+
+
 def test_compute_time_of_every_step_is_its_flops_over_the_device_speed():
     res = run(scenario({"name": "splitfed", "rounds": 1}, max_samples=80))
     from simkit.world.fleet import get_profiles

@@ -34,6 +34,31 @@ def test_compute_time_is_flops_over_effective_speed_plus_overhead(env, log):
     assert log == [pytest.approx(2.01, rel=1e-12)]
 
 
+def test_memory_traffic_and_kernels_add_their_terms(env, log):
+    # 2e9 FLOP/s effective and 4e8 B/s of traffic, both x1.25 for this device's speed factor;
+    # 0.01 s per compute and 1 ms per kernel
+    prof = PROFILE.model_copy(update={"traffic_bytes_per_s": 4e8, "kernel_overhead_s": 1e-3, "efficiency": 1.0,
+                                      "peak_flops": 2e9})
+    meter = EnergyMeter(env, idle_w=1.0, compute_w=4.0)
+    dev = Device(env, "d0", prof, node="d0", meter=meter, recorder=Recorder(), speed_factor=1.25)
+
+    def proc():
+        yield dev.compute(1e9, "a", nbytes=2e8, kernels=6)   # (0.4 + 0.4) + 0.01 + 0.006
+        log.append(env.now)
+        dev.slowdown = 2.0                                   # a straggler: both rates halve
+        yield dev.compute(1e9, "b", nbytes=2e8)              # (0.4 + 0.4) * 2 + 0.01
+        log.append(env.now)
+
+    env.process(proc())
+    env.run()
+    assert log == [pytest.approx(0.816, rel=1e-12), pytest.approx(0.816 + 1.61, rel=1e-12)]
+    assert meter.total_j == pytest.approx((0.816 + 1.61) * 5.0)   # idle + compute all along
+    assert dev.compute_time(1e9, 2e8, 6) == pytest.approx(1.616, rel=1e-12)
+    # no traffic rate: the bytes cost nothing, to the bit (the pure FLOP-rate model)
+    plain = make_device(env)
+    assert plain.compute_time(1e9, 5e9, 0) == plain.compute_time(1e9) == 1e9 / 5e8 + 0.01
+
+
 def test_compute_queues_when_busy(env, log):
     dev = make_device(env)
 

@@ -342,6 +342,12 @@ class AdaSplit(Algorithm):
         sf = self.ctx.flops(self.ctx.server_template, "server", key, batch, input_grad=self.spec.return_gradients)
         return float(sf.fwd + sf.bwd) + self._mask_flops
 
+    def server_traffic(self, key: str, batch: int) -> tuple[float, int]:
+        """Bytes the server step's ops write and its kernels (the masks' own elementwise work is
+        left out, as their FLOPs are counted apart)."""
+        sf = self.ctx.flops(self.ctx.server_template, "server", key, batch, input_grad=self.spec.return_gradients)
+        return float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels
+
     def act_bytes(self, act: torch.Tensor | None, batch: int) -> int:
         """Bytes of a batch's activation payload (labels not included)."""
         dense = self.ctx.act_bytes(batch, act=act, with_labels=False)
@@ -554,7 +560,9 @@ class AdaSplit(Algorithm):
         else:
             work = self._local_work(c, idx)
 
-        yield from ctx.client_compute(c, cf.fwd + hf.fwd, cf.bwd + hf.bwd, "local_step", work)
+        nbytes = cf.fwd_bytes + cf.bwd_bytes + hf.fwd_bytes + hf.bwd_bytes
+        kernels = cf.fwd_kernels + cf.bwd_kernels + hf.fwd_kernels + hf.bwd_kernels
+        yield from ctx.client_compute(c, cf.fwd + hf.fwd, cf.bwd + hf.bwd, "local_step", work, nbytes, kernels)
 
     def _local_work(self, c: ClientRuntime, idx: torch.Tensor):
         """The torch work of a local SupCon step (None in the fast mode)."""
@@ -584,7 +592,7 @@ class AdaSplit(Algorithm):
             box["a"] = bb(c.x_train[idx])
             return box["a"].detach()
 
-        act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward)
+        act = yield from ctx.client_compute(c, cf.fwd, 0.0, "client_fwd", forward, cf.fwd_bytes, cf.fwd_kernels)
         up = it.start(env, self.upload_and_serve(c, idx, act, None, it))
         out: _Served = yield up
         if out.exc is not None:
@@ -596,7 +604,7 @@ class AdaSplit(Algorithm):
             box["a"].backward(grad)
             opt.step()
 
-        yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward)
+        yield from ctx.client_compute(c, 0.0, cf.bwd, "client_bwd", backward, cf.bwd_bytes, cf.bwd_kernels)
 
     def stream_step(self, c: ClientRuntime, idx: torch.Tensor, it: _Iteration):
         """Selected, ``return_gradients=False``: SupCon step on the client while the activations stream up."""
@@ -614,7 +622,8 @@ class AdaSplit(Algorithm):
             box["loss"] = supcon_loss(head(a), c.y_train[idx], temperature)
             return a.detach()
 
-        act = yield from ctx.client_compute(c, cf.fwd + hf.fwd, 0.0, "client_fwd", forward)
+        act = yield from ctx.client_compute(c, cf.fwd + hf.fwd, 0.0, "client_fwd", forward,
+                                            cf.fwd_bytes + hf.fwd_bytes, cf.fwd_kernels + hf.fwd_kernels)
         delivered = env.event()  # succeeds with None (delivered) or the exception; never fails
         it.start(env, self.upload_and_serve(c, idx, act, delivered, it))
 
@@ -622,7 +631,8 @@ class AdaSplit(Algorithm):
             box["loss"].backward()
             opt.step()
 
-        yield from ctx.client_compute(c, 0.0, cf.bwd + hf.bwd, "client_bwd", backward)
+        yield from ctx.client_compute(c, 0.0, cf.bwd + hf.bwd, "client_bwd", backward, cf.bwd_bytes + hf.bwd_bytes,
+                                      cf.bwd_kernels + hf.bwd_kernels)
         exc = yield delivered
         if exc is not None:
             raise exc
@@ -670,7 +680,8 @@ class AdaSplit(Algorithm):
             return grad, float(ps.mean()), std
 
         try:
-            value = yield from ctx.server_compute(self.server_flops(c.key, b), "server_step", work)
+            value = yield from ctx.server_compute(self.server_flops(c.key, b), "server_step", work,
+                                                  *self.server_traffic(c.key, b))
         except Unavailable as exc:
             return _Served(exc=exc)
         self.selected_steps[i] += 1

@@ -227,18 +227,22 @@ class Context:
             self._flop_cache[ck] = fc
         return fc
 
-    def split_costs(self, key: str, batch: int) -> tuple[float, float, float, int, int]:
-        """A split step's costs at ``batch``, for client part ``key`` (cached per run): client
-        forward FLOPs, client backward FLOPs, server step FLOPs (forward + backward, with the
+    def split_costs(self, key: str, batch: int) -> tuple:
+        """A split step's costs at ``batch``, for client part ``key`` (cached per run), as a tuple:
+        client forward FLOPs, client backward FLOPs, server step FLOPs (forward + backward, with the
         input gradient), all as floats (as :meth:`client_compute` sums them), then bytes up
-        (activations + labels) and bytes down (their gradient)."""
+        (activations + labels) and bytes down (their gradient), then the memory traffic of the
+        three computes (:class:`~simkit.learning.flops.FlopCount`): bytes written and kernels of the
+        client forward, of the client backward and of the server step."""
         ck = (key, batch)
         v = self._split_costs.get(ck)
         if v is None:
             cf = self.flops(self.client_templates[key], "client", key, batch, input_grad=False)
             sf = self.flops(self.server_template, "server", key, batch, input_grad=True)
             v = self._split_costs[ck] = (float(cf.fwd), float(cf.bwd), float(sf.fwd + sf.bwd),
-                                         self.act_bytes(batch), self.act_bytes(batch, with_labels=False))
+                                         self.act_bytes(batch), self.act_bytes(batch, with_labels=False),
+                                         float(cf.fwd_bytes), cf.fwd_kernels, float(cf.bwd_bytes), cf.bwd_kernels,
+                                         float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels)
         return v
 
     def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -254,16 +258,27 @@ class Context:
         return model_bytes(module)
 
     def client_compute(self, client: ClientRuntime, fwd: float, bwd: float, tag: str,
-                       work: Callable | None = None):
-        """A SimPy process: compute fwd+bwd FLOPs on the client's device, counted on success."""
-        value = yield from client.device.computing(fwd + bwd, tag, work if self.train else None)
+                       work: Callable | None = None, nbytes: float = 0.0, kernels: int = 0):
+        """A SimPy process: compute fwd+bwd FLOPs (writing ``nbytes`` in ``kernels`` kernels:
+        :meth:`Device.compute_time <simkit.world.devices.Device.compute_time>`) on the client's
+        device, counted on success."""
+        value = yield from client.device.computing(fwd + bwd, tag, work if self.train else None, nbytes, kernels)
         self.flops_client_fwd += fwd
         self.flops_client_bwd += bwd
         return value
 
-    def server_compute(self, flops: float, tag: str, work: Callable | None = None):
-        value = yield from self.world.server.computing(flops, tag, work if self.train else None)
+    def server_compute(self, flops: float, tag: str, work: Callable | None = None, nbytes: float = 0.0,
+                       kernels: int = 0):
+        value = yield from self.world.server.computing(flops, tag, work if self.train else None, nbytes, kernels)
         self.flops_server += flops
+        return value
+
+    def aggregate_compute(self, n_params: int, updates: int, work: Callable | None = None):
+        """The server's compute averaging ``updates`` models of ``n_params`` parameters: a
+        multiply-add per parameter per update (2 FLOPs), each writing the running sum (one
+        element's bytes), no kernels counted."""
+        value = yield from self.server_compute(2.0 * n_params * updates, "aggregate", work,
+                                               float(n_params * updates * self.elem_bytes))
         return value
 
     def send(self, src: Device, dst: Device, nbytes: float, tag: str):

@@ -102,7 +102,7 @@ class FedAvg(Algorithm):
                 opt = ctx.optimizer(model.parameters())
                 anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
             real = ctx.train and pre is None   # batched: the real work was done at the start of the round
-            costs = self._step_costs.get(c.key)   # batch size -> (fwd, bwd) FLOPs of a local step
+            costs = self._step_costs.get(c.key)   # batch size -> (fwd, bwd FLOPs, bytes, kernels) of a local step
             if costs is None:
                 costs = self._step_costs[c.key] = {}
             for e in range(spec.local_epochs):
@@ -113,7 +113,9 @@ class FedAvg(Algorithm):
                     if cost is None:
                         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
                         sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd)
+                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd,
+                                           cf.fwd_bytes + cf.bwd_bytes + sf.fwd_bytes + sf.bwd_bytes,
+                                           cf.fwd_kernels + cf.bwd_kernels + sf.fwd_kernels + sf.bwd_kernels)
                     step = None
                     if real:
                         def step(idx=idx):
@@ -124,7 +126,7 @@ class FedAvg(Algorithm):
                             loss.backward()
                             opt.step()
 
-                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step)
+                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step, cost[2], cost[3])
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
             else:
@@ -149,8 +151,7 @@ class FedAvg(Algorithm):
                 if group:
                     self.global_client[key] = average_states([u[0] for u in group], [u[2] for u in group])
 
-        # one multiply-add per parameter per update
-        yield from ctx.server_compute(2.0 * n_params * len(updates), "aggregate", work)
+        yield from ctx.aggregate_compute(n_params, len(updates), work)
 
     def final_states(self) -> dict[str, dict]:
         return {"server": self.global_server, **{f"client/{k}": v for k, v in self.global_client.items()}}

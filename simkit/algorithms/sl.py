@@ -59,11 +59,12 @@ def _plan_step(chain, ctx, c: ClientRuntime, b: int) -> tuple | None:
     :meth:`Context.split_costs`), or None where a phase cannot be timed ahead (the chain is then
     dead: roll it back)."""
     costs = ctx.split_costs(c.key, b)
-    cfwd, cbwd, srv_flops, up, down = costs
+    cfwd, cbwd, srv_flops, up, down, fwd_bytes, fwd_kernels, bwd_bytes, bwd_kernels, srv_bytes, srv_kernels = costs
     dev, server = c.device, ctx.world.server
-    if (chain.compute(dev, cfwd, "client_fwd") and chain.send(dev, server, up, "act_up")
-            and chain.compute(server, srv_flops, "server_step") and chain.send(server, dev, down, "grad_down")
-            and chain.compute(dev, cbwd, "client_bwd")):
+    if (chain.compute(dev, cfwd, "client_fwd", fwd_bytes, fwd_kernels) and chain.send(dev, server, up, "act_up")
+            and chain.compute(server, srv_flops, "server_step", srv_bytes, srv_kernels)
+            and chain.send(server, dev, down, "grad_down")
+            and chain.compute(dev, cbwd, "client_bwd", bwd_bytes, bwd_kernels)):
         return costs
     return None
 
@@ -101,17 +102,22 @@ def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module
     changes no weights: the fast mode, and SplitFed's batched rounds (trained ahead)."""
     real = ctx.train if real is None else (real and ctx.train)   # (client_compute runs work only when training)
     b = batch_len(idx)
-    cfwd, cbwd, srv_flops, up, down = ctx.split_costs(c.key, b)   # up/down: what the tensors will weigh
+    # up/down: what the tensors will weigh
+    (cfwd, cbwd, srv_flops, up, down, fwd_bytes, fwd_kernels, bwd_bytes, bwd_kernels, srv_bytes,
+     srv_kernels) = ctx.split_costs(c.key, b)
     server = ctx.world.server
     dev = c.device
     if real:
         y = c.y_train[idx]
         forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, c.x_train[idx], y)
-    act = yield from ctx.client_compute(c, cfwd, 0.0, "client_fwd", forward if real else None)
+    act = yield from ctx.client_compute(c, cfwd, 0.0, "client_fwd", forward if real else None,
+                                        fwd_bytes, fwd_kernels)
     yield ctx.send(dev, server, ctx.act_bytes(b, act=act, labels=y) if real else up, "act_up")
-    grad = yield from ctx.server_compute(srv_flops, "server_step", (lambda: server_step(act)) if real else None)
+    grad = yield from ctx.server_compute(srv_flops, "server_step", (lambda: server_step(act)) if real else None,
+                                         srv_bytes, srv_kernels)
     yield ctx.send(server, dev, ctx.act_bytes(b, act=grad, with_labels=False) if real else down, "grad_down")
-    yield from ctx.client_compute(c, 0.0, cbwd, "client_bwd", (lambda: backward(grad)) if real else None)
+    yield from ctx.client_compute(c, 0.0, cbwd, "client_bwd", (lambda: backward(grad)) if real else None,
+                                  bwd_bytes, bwd_kernels)
 
 
 def split_steps(ctx, c: ClientRuntime, models: Callable[[], tuple], batches: Sequence, *,

@@ -125,7 +125,7 @@ class SplitFed(Algorithm):
                 if group:
                     self.global_client[key] = average_states([u[0] for u in group], [u[2] for u in group])
 
-        yield from self.ctx.server_compute(2.0 * n_params * len(updates), "aggregate", work)
+        yield from self.ctx.aggregate_compute(n_params, len(updates), work)
 
     def final_states(self) -> dict[str, dict]:
         return {"server": self.global_server, **{f"client/{k}": v for k, v in self.global_client.items()}}

@@ -1,7 +1,9 @@
-"""FLOP counts of real model parts, from torch's own counter.
+"""FLOP counts (and memory traffic) of real model parts, from torch's own counter.
 
-The simulator charges compute time as ``flops / (peak_flops * efficiency)`` (DESIGN.md §1), so
-the FLOPs come from the actual module at the actual batch shape, counted by
+The simulator charges compute time as ``flops / (peak_flops * efficiency)`` (DESIGN.md §1), plus,
+on a profile that models them, ``bytes / memory_bps`` and a fixed cost per parameter tensor
+(:class:`~simkit.config.DeviceProfile`, ``docs/compute-model.md``). So the FLOPs come from the
+actual module at the actual batch shape, counted by
 :class:`torch.utils.flop_counter.FlopCounterMode`:
 
 * it counts the matrix ops (``mm``, ``addmm``, ``bmm``, convolutions and their backward,
@@ -9,6 +11,16 @@ the FLOPs come from the actual module at the actual batch shape, counted by
   ``2*32*64*10`` forward FLOPs);
 * elementwise ops (ReLU, pooling, bias add, the loss) are not counted; they are a small
   share of these models' work and memory-bound anyway.
+
+**Memory traffic** is counted in the same passes by a dispatch mode that sees every ATen op: the
+bytes of the tensors each op writes (its outputs; an in-place op's mutated tensor), leaving out
+views (``view``, ``t``, ``expand``, ``detach``: no data moves). This counts what the FLOP count
+leaves out -- ReLU, pooling, the bias add, activation gradients -- and scales with the activations,
+which is what makes a small-spatial convolution slow per FLOP (a roofline's memory side:
+Williams, Waterman & Patterson, "Roofline", CACM 2009). The same mode counts the **kernels**: the
+ATen ops that are not views, each of which costs a fixed dispatch, allocation and set-up time
+whatever its size (the per-kernel term of layer-wise performance models, e.g. Qi, Sparks & Talwalkar,
+"Paleo", ICLR 2017) -- what dominates a small model's step.
 
 Forward and backward are counted separately. The backward pass is started with
 ``output.sum().backward()``: the gradient that reaches the last layer differs from a
@@ -30,6 +42,7 @@ from typing import Hashable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["FlopCount", "architecture_key", "count_flops", "clear_flop_cache"]
@@ -39,15 +52,23 @@ _CACHE: dict[Hashable, "FlopCount"] = {}
 
 @dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one forward and one backward pass of a module at one batch shape.
+    """FLOPs and memory traffic of one forward and one backward pass of a module at one batch shape.
 
     Attributes:
         fwd: forward FLOPs (multiply-add = 2).
         bwd: backward FLOPs (0 if backward was not counted).
+        fwd_bytes: bytes the forward's ops write (activations, including elementwise ops').
+        bwd_bytes: bytes the backward's ops write (activation and parameter gradients; 0 if not counted).
+        fwd_kernels: ATen ops (not views) the forward runs.
+        bwd_kernels: ATen ops (not views) the backward runs (0 if not counted).
     """
 
     fwd: int
     bwd: int
+    fwd_bytes: int = 0
+    bwd_bytes: int = 0
+    fwd_kernels: int = 0
+    bwd_kernels: int = 0
 
     @property
     def total(self) -> int:
@@ -100,14 +121,36 @@ def _count(module: nn.Module, shape: tuple[int, ...], backward: bool, input_grad
     x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
     x.requires_grad_(bool(backward and input_grad))
     with torch.enable_grad():
-        with FlopCounterMode(display=False) as fwd_counter:
+        with FlopCounterMode(display=False) as fwd_counter, _Traffic() as fwd_traffic:
             out = work(x)
-        bwd = 0
+        bwd = bwd_bytes = bwd_kernels = 0
         if backward and out.requires_grad:
-            with FlopCounterMode(display=False) as bwd_counter:
-                out.sum().backward()
-            bwd = int(bwd_counter.get_total_flops())
-    return FlopCount(fwd=int(fwd_counter.get_total_flops()), bwd=bwd)
+            total = out.sum()   # (outside the count: the seed of the backward, not the model's work)
+            grad = torch.ones_like(total)
+            with FlopCounterMode(display=False) as bwd_counter, _Traffic() as bwd_traffic:
+                total.backward(grad)
+            bwd, bwd_bytes, bwd_kernels = int(bwd_counter.get_total_flops()), bwd_traffic.bytes, bwd_traffic.kernels
+    return FlopCount(fwd=int(fwd_counter.get_total_flops()), bwd=bwd, fwd_bytes=fwd_traffic.bytes,
+                     bwd_bytes=bwd_bytes, fwd_kernels=fwd_traffic.kernels, bwd_kernels=bwd_kernels)
+
+
+class _Traffic(TorchDispatchMode):
+    """Counts the ATen ops run under it that are not views (kernels), and the bytes of the tensors
+    they write (views write none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.kernels += 1
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
 
 
 def architecture_key(module: nn.Module) -> tuple:

@@ -66,12 +66,13 @@ class Chain:
         self.ops: list = []
         self.last = None       # (base, delay): the final event is `delay` after `base`
 
-    def compute(self, device: Device, flops: float, tag: str) -> bool:
-        """A compute of ``flops`` on ``device`` after the phases so far (as ``device.computing``)."""
+    def compute(self, device: Device, flops: float, tag: str, nbytes: float = 0.0, kernels: int = 0) -> bool:
+        """A compute of ``flops`` (writing ``nbytes`` in ``kernels`` kernels) on ``device`` after the
+        phases so far (as ``device.computing``)."""
         if not device.free_now():
             return False
         t = self.t
-        delay = device.compute_time(flops)
+        delay = device.compute_time(flops, nbytes, kernels)
         end = t + delay
         self.ops.append((_COMPUTE, device, flops, tag, t, end))
         self.t = end

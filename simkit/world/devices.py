@@ -4,9 +4,12 @@
 queues on the device's ``slots`` (a ``simpy.Resource``; a client has one slot, a server as many
 as its scenario gives), then lasts
 
-    flops / (peak_flops * efficiency * speed_factor) * slowdown + step_overhead_s
+    (flops / (peak_flops * efficiency * speed_factor) + bytes / (traffic_bytes_per_s * speed_factor))
+        * slowdown + step_overhead_s + kernels * kernel_overhead_s
 
-seconds, during which the device's energy meter is in the ``compute`` state. ``speed_factor``
+seconds (``bytes``: tensor data the compute's ops write; ``kernels``: the ops it runs;
+both 0 unless the caller counts them, and the bytes term 0 on a profile without a traffic rate:
+``docs/compute-model.md``), during which the device's energy meter is in the ``compute`` state. ``speed_factor``
 is the device's seeded lognormal jitter (fixed for the run); ``slowdown`` is a straggler factor
 that a fault may change for an interval (it applies to computes that *start* in the interval).
 
@@ -50,7 +53,7 @@ class Device:
     """
 
     __slots__ = ("env", "name", "profile", "node", "meter", "recorder", "speed_factor", "slots",
-                 "effective_flops", "overhead", "busy", "_queue", "_urgent", "on", "dead", "slowdown", "_running",
+                 "effective_flops", "traffic_rate", "overhead", "kernel_overhead", "busy", "_queue", "_urgent", "on", "dead", "slowdown", "_running",
                  "tech", "on_off_listeners")
 
     def __init__(self, env: simpy.Environment, name: str, profile: DeviceProfile, *, node, meter: EnergyMeter,
@@ -64,7 +67,12 @@ class Device:
         self.speed_factor = float(speed_factor)
         self.slots = int(slots)
         self.effective_flops = profile.peak_flops * profile.efficiency * self.speed_factor
+        # inf without a traffic rate: bytes / inf is exactly 0.0, so such a profile times a compute
+        # to the bit as the pure FLOP-rate model does
+        rate = profile.traffic_bytes_per_s
+        self.traffic_rate = rate * self.speed_factor if rate is not None else float("inf")
         self.overhead = profile.step_overhead_s
+        self.kernel_overhead = profile.kernel_overhead_s
         self.busy = 0
         self._queue: deque = deque()   # waiting compute requests, FIFO
         self._urgent: deque = deque()  # requests ahead of the queue (a server_down fault)
@@ -116,21 +124,25 @@ class Device:
         return len(self._queue) + len(self._urgent)
 
     # -- compute -----------------------------------------------------------------------------
-    def compute_time(self, flops: float) -> float:
-        """Simulated seconds one compute of ``flops`` FLOPs takes once it holds a slot."""
-        return flops / self.effective_flops * self.slowdown + self.overhead
+    def compute_time(self, flops: float, nbytes: float = 0.0, kernels: int = 0) -> float:
+        """Simulated seconds one compute of ``flops`` FLOPs, writing ``nbytes`` bytes in ``kernels``
+        kernels, takes once it holds a slot."""
+        return ((flops / self.effective_flops + nbytes / self.traffic_rate) * self.slowdown + self.overhead
+                + kernels * self.kernel_overhead)
 
-    def compute(self, flops: float, tag: str = "", work=None) -> simpy.Process:
+    def compute(self, flops: float, tag: str = "", work=None, nbytes: float = 0.0, kernels: int = 0) -> simpy.Process:
         """An event that succeeds when ``flops`` FLOPs have been computed on this device.
 
         ``work`` (optional, no arguments) is the real computation: it runs at the simulated
         instant the device starts this compute (after queueing for a slot), so shared state it
         changes (server weights) changes in simulated-time order. Its return value is the
         event's value. Fails with :class:`DeviceOff` if the device is (or goes) off first.
+        ``nbytes`` and ``kernels`` are the compute's memory traffic and kernel count
+        (:meth:`compute_time`); records keep its FLOPs.
         """
-        return self.env.process(self.computing(float(flops), tag, work))
+        return self.env.process(self.computing(float(flops), tag, work, nbytes, kernels))
 
-    def computing(self, flops: float, tag: str = "", work=None):
+    def computing(self, flops: float, tag: str = "", work=None, nbytes: float = 0.0, kernels: int = 0):
         """The same as :meth:`compute`, as a sub-generator for ``yield from`` inside the caller's
         own process (no extra SimPy process: the hot path of every training step)."""
         env = self.env
@@ -152,7 +164,8 @@ class Device:
             meter.compute_begin()
             try:
                 # (compute_time, inlined; chains time their computes with it: keep them equal)
-                yield env.timeout(flops / self.effective_flops * self.slowdown + self.overhead)
+                yield env.timeout((flops / self.effective_flops + nbytes / self.traffic_rate) * self.slowdown
+                                  + self.overhead + kernels * self.kernel_overhead)
             finally:
                 meter.compute_end()
             self.recorder.compute(self.name, started, env._now, flops, tag)
