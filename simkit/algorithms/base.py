@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,6 +71,25 @@ def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) 
         else:
             out[k] = states[0][k].clone()
     return out
+
+
+class SplitCosts(NamedTuple):
+    """A split step's costs at one batch size (:meth:`Context.split_costs`): FLOPs of the client
+    forward, the client backward and the server step (forward + backward, with the input gradient),
+    as floats; bytes up (activations + labels) and down (their gradient); then each compute's bytes
+    written and kernels (:class:`~simkit.learning.flops.FlopCount`). A tuple: the hot path unpacks it."""
+
+    cfwd: float
+    cbwd: float
+    srv: float
+    up: int
+    down: int
+    fwd_bytes: float
+    fwd_kernels: int
+    bwd_bytes: float
+    bwd_kernels: int
+    srv_bytes: float
+    srv_kernels: int
 
 
 @dataclass
@@ -227,22 +247,19 @@ class Context:
             self._flop_cache[ck] = fc
         return fc
 
-    def split_costs(self, key: str, batch: int) -> tuple:
-        """A split step's costs at ``batch``, for client part ``key`` (cached per run), as a tuple:
-        client forward FLOPs, client backward FLOPs, server step FLOPs (forward + backward, with the
-        input gradient), all as floats (as :meth:`client_compute` sums them), then bytes up
-        (activations + labels) and bytes down (their gradient), then the memory traffic of the
-        three computes (:class:`~simkit.learning.flops.FlopCount`): bytes written and kernels of the
-        client forward, of the client backward and of the server step."""
+    def split_costs(self, key: str, batch: int) -> SplitCosts:
+        """A split step's costs at ``batch``, for client part ``key`` (cached per run); FLOPs as
+        floats, as :meth:`client_compute` sums them."""
         ck = (key, batch)
         v = self._split_costs.get(ck)
         if v is None:
             cf = self.flops(self.client_templates[key], "client", key, batch, input_grad=False)
             sf = self.flops(self.server_template, "server", key, batch, input_grad=True)
-            v = self._split_costs[ck] = (float(cf.fwd), float(cf.bwd), float(sf.fwd + sf.bwd),
-                                         self.act_bytes(batch), self.act_bytes(batch, with_labels=False),
-                                         float(cf.fwd_bytes), cf.fwd_kernels, float(cf.bwd_bytes), cf.bwd_kernels,
-                                         float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels)
+            v = self._split_costs[ck] = SplitCosts(
+                float(cf.fwd), float(cf.bwd), float(sf.fwd + sf.bwd),
+                self.act_bytes(batch), self.act_bytes(batch, with_labels=False),
+                float(cf.fwd_bytes), cf.fwd_kernels, float(cf.bwd_bytes), cf.bwd_kernels,
+                float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels)
         return v
 
     def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, batch_len
+from simkit.algorithms.base import Algorithm, ClientRuntime, SplitCosts, Unavailable, batch_len
 from simkit.algorithms.batching import warn_not_batchable
 from simkit.world.chain import Chain
 
@@ -54,7 +54,7 @@ def _torch_phases(cmodel: nn.Module, copt, smodel: nn.Module, sopt, x: torch.Ten
     return forward, server_step, backward
 
 
-def _plan_step(chain, ctx, c: ClientRuntime, b: int) -> tuple | None:
+def _plan_step(chain, ctx, c: ClientRuntime, b: int) -> SplitCosts | None:
     """Add a split step's five phases at batch size ``b`` to ``chain``; its costs (as
     :meth:`Context.split_costs`), or None where a phase cannot be timed ahead (the chain is then
     dead: roll it back)."""
@@ -84,10 +84,10 @@ def _step_work(ctx, c: ClientRuntime, cmodel, copt, smodel, sopt, idx, up: int, 
     backward(grad)
 
 
-def _count_step_flops(ctx, costs: tuple) -> None:
-    ctx.flops_client_fwd += costs[0]   # as client_compute and server_compute count them
-    ctx.flops_server += costs[2]
-    ctx.flops_client_bwd += costs[1]
+def _count_step_flops(ctx, costs: SplitCosts) -> None:
+    ctx.flops_client_fwd += costs.cfwd   # as client_compute and server_compute count them
+    ctx.flops_server += costs.srv
+    ctx.flops_client_bwd += costs.cbwd
 
 
 def split_step(ctx, c: ClientRuntime, cmodel: nn.Module, copt, smodel: nn.Module, sopt, idx: torch.Tensor,
@@ -167,7 +167,7 @@ def split_steps(ctx, c: ClientRuntime, models: Callable[[], tuple], batches: Seq
                 if m is None:
                     m = models()
                 for k, costs in enumerate(planned):
-                    _step_work(ctx, c, *m, batches[i + k], costs[3], costs[4])
+                    _step_work(ctx, c, *m, batches[i + k], costs.up, costs.down)
             yield ch.commit()
             for costs in planned:
                 _count_step_flops(ctx, costs)
