@@ -110,6 +110,20 @@ def test_calibration_fit_recovers_a_known_compute_model_exactly():
     assert flat.traffic_bytes_per_s is None and flat.kernel_overhead_s == 0.0
 
 
+def test_calibration_fit_predicts_exactly_when_terms_cannot_be_told_apart():
+    # every point runs the same kernels: the constant and the per-kernel cost are one term to the
+    # fit; whichever split NNLS picks, the predictions (what a profile is for) are exact
+    from simkit.calibrate import PartTiming, fit
+
+    rate, traffic, fixed = 4e9, 1e9, 2e-4 + 12 * 3e-5
+    parts = [PartTiming(f"p{i}", f, f / rate + b / traffic + fixed, b, 12) for i, (f, b) in
+             enumerate([(1e6, 5e5), (4e6, 1e5), (2e7, 3e6), (5e5, 2e6)])]
+    cal = fit(parts)
+    assert cal.overhead_s >= 0 and cal.kernel_overhead_s >= 0
+    assert math.isclose(cal.overhead_s + 12 * cal.kernel_overhead_s, fixed, rel_tol=1e-6)
+    assert all(math.isclose(cal.ratio(p), 1.0, rel_tol=1e-6) for p in parts)
+
+
 def test_plan_runs_a_study_yaml_first_then_reuses_it(tmp_path):
     study = {"name": "p", "base": yaml.safe_load((DATA / "good" / "tiny.yaml").read_text()),
              "grid": {"algorithm.lr": [0.0, 0.1]}, "seeds": [0]}

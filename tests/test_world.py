@@ -59,6 +59,29 @@ def test_memory_traffic_and_kernels_add_their_terms(env, log):
     assert plain.compute_time(1e9, 5e9, 0) == plain.compute_time(1e9) == 1e9 / 5e8 + 0.01
 
 
+@settings(max_examples=200, deadline=None)
+@given(flops=st.floats(0, 1e13), nbytes=st.floats(0, 1e11), kernels=st.integers(0, 10_000),
+       rate=st.floats(1e6, 1e12), kernel_s=st.floats(0, 1e-3), speed=st.floats(0.1, 10), slowdown=st.floats(1, 8))
+def test_compute_time_adds_each_term_and_a_missing_rate_changes_nothing(flops, nbytes, kernels, rate, kernel_s, speed,
+                                                                        slowdown):
+    import simpy
+
+    base = PROFILE.model_copy(update={"kernel_overhead_s": kernel_s})
+    full = base.model_copy(update={"traffic_bytes_per_s": rate})
+    env = simpy.Environment()
+    plain = Device(env, "p", base, node="p", meter=None, recorder=None, speed_factor=speed)
+    dev = Device(env, "d", full, node="d", meter=None, recorder=None, speed_factor=speed)
+    plain.slowdown = dev.slowdown = slowdown
+    flop_only = flops / (1e9 * 0.5 * speed) * slowdown + 0.01
+    # without a traffic rate the bytes cost nothing, to the bit
+    assert plain.compute_time(flops, nbytes, 0) == plain.compute_time(flops) == flop_only
+    t = dev.compute_time(flops, nbytes, kernels)
+    assert t == pytest.approx(flop_only + nbytes / (rate * speed) * slowdown + kernels * kernel_s, rel=1e-12)
+    # more of any work never takes less time
+    assert dev.compute_time(flops, nbytes * 2, kernels) >= t and dev.compute_time(flops, nbytes, kernels + 1) >= t
+    assert t >= plain.compute_time(flops) >= 0.01
+
+
 def test_compute_queues_when_busy(env, log):
     dev = make_device(env)
 
