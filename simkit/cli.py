@@ -281,7 +281,8 @@ def replay_cmd(run_dir: Path = typer.Argument(..., help="a run folder: scenario.
 def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario whose workload model is timed "
                                                                          "(default: digits, CNN, cut 1, batch 32)"),
                   out: Path = typer.Option(Path("host.yaml"), "--out", help="device profile to write"),
-                  name: str = typer.Option("host", "--name", help="profile name (the file stem must match)"),
+                  name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the --out file's "
+                                                                          "stem, which a profile's name must match)"),
                   threads: int = typer.Option(1, "--threads", help="torch threads while measuring"),
                   min_time: float = typer.Option(0.3, "--min-time", min=0.001,
                                                  help="seconds per timed run of a step (more: less noise)")) -> None:
@@ -291,12 +292,14 @@ def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario
     from simkit.calibrate import calibrate, write_profile
     from simkit.config import load_scenario, scenario_from_dict
 
+    name = name or out.stem
+    if out.stem != name:   # (checked before measuring: load_profile would refuse the file)
+        _fail(SimkitError(f"--name {name!r} does not match the file it would be written to, {out.name!r}: a "
+                          f"profile's file is NAME.yaml (give --out {out.with_name(name + '.yaml')} or drop --name)"))
     try:
         sc = load_scenario(scenario) if scenario else scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}})
         torch.set_num_threads(threads)
         cal = calibrate(sc, min_time=min_time)
-        if out.stem != name:
-            out = out.with_name(f"{name}.yaml")
         write_profile(cal, out, name)
     except SimkitError as exc:
         _fail(exc)

@@ -78,8 +78,13 @@ def test_calibrate_fits_the_compute_model_and_writes_a_loadable_profile(tmp_path
     for p in cal.parts:
         assert dev.compute_time(p.flops, p.nbytes, p.kernels) == pytest.approx(cal.predicted(p.flops, p.nbytes, p.kernels),
                                                                               rel=1e-12)
-    res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "host.yaml"), "--min-time", "0.01"])
+    res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "lab-pc.yaml"), "--min-time", "0.01"])
     assert res.exit_code == 0 and "calibration_error_max" in res.output
+    assert load_profile(tmp_path / "lab-pc.yaml").name == "lab-pc"   # the name follows the file
+    # a name the file cannot carry is refused before anything is measured or written
+    res = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "a.yaml"), "--name", "b"])
+    assert res.exit_code == 2 and "does not match" in res.output and "b.yaml" in res.output
+    assert not (tmp_path / "a.yaml").exists() and not (tmp_path / "b.yaml").exists()
 
 
 def test_calibration_fit_recovers_a_known_compute_model_exactly():
