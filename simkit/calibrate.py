@@ -241,11 +241,11 @@ def fit(parts: list[PartTiming], *, batch: int | None = None, cut: int | None = 
     scale = np.abs(A).max(axis=0)
     scale[scale == 0] = 1.0
     coef, _ = nnls(A / scale, np.ones(len(parts)))
-    inv_r, inv_b, o, o_t = (float(c) for c in coef / scale)
+    inv_r, inv_b, o, o_k = (float(c) for c in coef / scale)
     if inv_r <= 0:  # degenerate (timings dominated by fixed cost): pure rate fit through the origin
-        inv_r, inv_b, o, o_t = sum(p.seconds for p in parts) / sum(p.flops for p in parts), 0.0, 0.0, 0.0
+        inv_r, inv_b, o, o_k = sum(p.seconds for p in parts) / sum(p.flops for p in parts), 0.0, 0.0, 0.0
     return Calibration(effective_flops=1.0 / inv_r, overhead_s=o, parts=list(parts),
-                       traffic_bytes_per_s=1.0 / inv_b if inv_b > 0 else None, kernel_overhead_s=o_t,
+                       traffic_bytes_per_s=1.0 / inv_b if inv_b > 0 else None, kernel_overhead_s=o_k,
                        batch=batch if batch is not None else (parts[0].batch if parts else 0),
                        cut=cut if cut is not None else next((p.cut for p in parts if p.cut), 0))
 
