@@ -1,15 +1,16 @@
 """Calibrate a device profile on this host, and check the compute model's fidelity.
 
-``simkit calibrate`` times real training steps (forward + backward + SGD step) of the workload's
-model parts -- the client part and the server part at every cut the model allows, and the whole
-model -- on this machine, at half, once and twice the workload's batch size, and counts their work
-the way the simulator does (:func:`simkit.learning.flops.count_flops`: FLOPs, bytes the ops write,
-kernels). It then fits the compute model the simulator uses (:class:`simkit.config.DeviceProfile`,
-``docs/model.md``),
+``simkit calibrate`` times real training steps of the workload's model on this machine the way
+simkit's algorithms run them, each compute the simulator charges timed on its own: split steps at
+every cut the model allows (client forward, server step, client backward + SGD step, on a fresh
+batch each, as split learning alternates them) and whole-model steps (a local step of FedAvg), at
+half, once and twice the workload's batch size. It counts their work the way the simulator does
+(:func:`simkit.learning.flops.count_flops`: FLOPs, bytes the ops write, kernels) and fits the
+compute model the simulator uses (:class:`simkit.config.DeviceProfile`, ``docs/model.md``),
 
-    step time = flops / R + bytes / B + overhead + kernels * kernel_overhead,
+    compute time = flops / R + bytes / B + overhead + kernels * kernel_overhead,
 
-to the measured points (15 for the digits CNN), minimising the squared *relative* error with
+to the measured computes (21 for the digits CNN), minimising the squared *relative* error with
 every coefficient non-negative (Lawson & Hanson's NNLS, ``scipy.optimize.nnls``), and writes a
 device profile with
 ``peak_flops = R``, ``efficiency = 1``, ``traffic_bytes_per_s = B``, ``step_overhead_s`` and
@@ -17,10 +18,13 @@ device profile with
 CACM 2009): on small inputs the elementwise work and activation traffic, not the FLOPs, set the
 time (a 1-channel convolution on 8x8 digits runs at a fifth of the FLOP rate of the layers after
 it); the kernel term is the fixed cost of each op whatever its size (as in Paleo, Qi et al.,
-ICLR 2017), which dominates a small model's step. Fidelity is reported per model part (the
-workload's cut) at the workload's batch size as the ratio of the simulated step time on that
-profile to the measured host step time (1.0 is perfect); ``calibration_error_max`` is the largest
-``exp(|log ratio|)`` of the three.
+ICLR 2017), which dominates a small model's step. Fidelity is reported per model part at the
+workload's cut and batch size -- the client part (its forward and backward computes), the server
+part and the whole model -- as the ratio of the simulated step time on that profile to the
+measured host step time (1.0 is perfect); ``calibration_error_max`` is the largest
+``exp(|log ratio|)`` of the three. Timing the parts in place rather than each in a tight loop of
+its own matters: a split step's phases, alternating client and server, cost ~15 % more than the
+same parts timed alone (cold caches, a fresh batch each step).
 
 This module reads the host clock -- it measures the host on purpose; nothing here feeds simulated
 time except through the profile it writes.
@@ -48,8 +52,9 @@ from simkit.learning.models import build_split_model, layer_count
 
 @dataclass
 class PartTiming:
-    """One measured training step: a model part (split at ``cut``; 0 for the whole model) at a
-    batch size, its counted work, its median time."""
+    """One measured compute (``client_fwd``, ``server`` or ``client_bwd`` of a split step at
+    ``cut``, or ``whole``: a whole-model step, ``cut`` 0) at a batch size: its counted work and its
+    median time."""
 
     part: str
     flops: float
@@ -92,9 +97,15 @@ class Calibration:
         at = [p for p in self.parts if p.batch == self.batch and p.cut in (0, self.cut)]
         return at or list(self.parts)
 
-    def ratios(self) -> dict[str, float]:
-        """Simulated / measured step time per part, at the workload's batch size."""
-        return {p.part: self.ratio(p) for p in self.fidelity_points()}
+    def ratios(self, points: list[PartTiming] | None = None) -> dict[str, float]:
+        """Simulated / measured step time per model part (default: the points at the workload's
+        batch size and cut): ``client`` sums its forward and backward computes."""
+        sums: dict[str, list[float]] = {}
+        for p in self.fidelity_points() if points is None else points:
+            s = sums.setdefault("client" if p.part.startswith("client") else p.part, [0.0, 0.0])
+            s[0] += self.predicted(p.flops, p.nbytes, p.kernels)
+            s[1] += p.seconds
+        return {part: pred / meas for part, (pred, meas) in sums.items()}
 
     @property
     def error_max(self) -> float:
@@ -104,15 +115,15 @@ class Calibration:
 
     @property
     def fit_error_max(self) -> float:
-        """The same over every measured point (all batch sizes)."""
+        """The same over every measured compute, one by one (all cuts and batch sizes)."""
         return max(math.exp(abs(math.log(self.ratio(p)))) for p in self.parts)
 
     def profile(self, name: str = "host") -> dict:
         cores = torch.get_num_threads()
         cuts = ", ".join(str(c) for c in sorted({p.cut for p in self.parts} - {0}))
-        fitted = "measured: non-negative least-squares fit of step time = flops/R + bytes/B + overhead + " \
-                 f"kernels * kernel_overhead over {len(self.parts)} training steps (client and server parts " \
-                 f"at cut {cuts or '-'} and the whole model, at batch " \
+        fitted = "measured: non-negative least-squares fit of compute time = flops/R + bytes/B + overhead + " \
+                 f"kernels * kernel_overhead over {len(self.parts)} computes of training steps (split steps " \
+                 f"at cut {cuts or '-'} and whole-model steps, at batch " \
                  f"{', '.join(str(b) for b in sorted({p.batch for p in self.parts}))}) (H)"
         prof = {
             "name": name,
@@ -141,46 +152,91 @@ class Calibration:
         return prof
 
 
-def _train_step_fn(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None, upstream: torch.Tensor | None):
-    opt = torch.optim.SGD(module.parameters(), lr=1e-3)
+def _time_phases(phases, min_time: float, reps: int) -> list[float]:
+    """Median seconds per call of each of ``phases`` (no arguments), called in turn, each timed on
+    its own: warm up, find a number of rounds lasting ~``min_time / 4``, then ``reps`` timed runs."""
+    clock = time.perf_counter
+    for _ in range(3):
+        for ph in phases:
+            ph()
+    n = 1
+    while True:  # calibrate the number of rounds per timed run
+        t = clock()
+        for _ in range(n):
+            for ph in phases:
+                ph()
+        if clock() - t >= min_time / 4 or n > 10000:
+            break
+        n *= 2
+    runs = []
+    for _ in range(reps):
+        tot = [0.0] * len(phases)
+        for _ in range(n):
+            for k, ph in enumerate(phases):
+                t = clock()
+                ph()
+                tot[k] += clock() - t
+        runs.append([x / n for x in tot])
+    return [statistics.median(r[k] for r in runs) for k in range(len(phases))]
+
+
+def _batches(n: int, b: int, gen: torch.Generator):
+    """An endless cycle of index batches of size ``b`` over ``n`` samples (seeded)."""
+    order = torch.randperm(max(n, 8 * b), generator=gen) % n
+    chunks = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
+    while True:
+        yield from chunks
+
+
+def _split_phases(sm, x: torch.Tensor, y: torch.Tensor, b: int):
+    """The three computes of a split-learning step, as simkit runs them (``simkit.algorithms.sl``),
+    on a fresh batch each step: client forward, server step, client backward + SGD step."""
+    copt = torch.optim.SGD(sm.client.parameters(), lr=1e-3)
+    sopt = torch.optim.SGD(sm.server.parameters(), lr=1e-3)
+    nxt = _batches(len(x), b, torch.Generator().manual_seed(0))
+    box = {}
+
+    def forward():
+        idx = next(nxt)
+        box["y"] = y[idx]
+        copt.zero_grad(set_to_none=True)
+        box["a"] = sm.client(x[idx])
+        box["act"] = box["a"].detach()
+
+    def server():
+        a = box["act"].clone().requires_grad_(True)
+        sopt.zero_grad(set_to_none=True)
+        F.cross_entropy(sm.server(a), box["y"]).backward()
+        sopt.step()
+        box["g"] = a.grad
+
+    def backward():
+        box["a"].backward(box["g"])
+        copt.step()
+
+    return [forward, server, backward]
+
+
+def _whole_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int):
+    """A whole-model training step (a FedAvg local step) on a fresh batch each call."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    nxt = _batches(len(x), b, torch.Generator().manual_seed(1))
 
     def step():
+        idx = next(nxt)
         opt.zero_grad(set_to_none=True)
-        out = module(x)
-        if y is not None:
-            F.cross_entropy(out, y).backward()
-        else:
-            out.backward(upstream)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
 
     return step
 
 
-def _time(step, min_time: float, reps: int) -> float:
-    for _ in range(3):
-        step()
-    n = 1
-    while True:  # calibrate the number of steps per timed run
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        if time.perf_counter() - t >= min_time / 4 or n > 10000:
-            break
-        n *= 2
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        samples.append((time.perf_counter() - t) / n)
-    return statistics.median(samples)
-
-
 def measure_parts(scenario: Scenario, *, batches=None, cuts=None, min_time: float = 0.3,
                   reps: int = 5) -> list[PartTiming]:
-    """Time a training step of the scenario's model parts and count their work: the client and the
-    server part at each cut in ``cuts`` (default: every cut the model allows) and the whole model,
-    at each batch size in ``batches`` (default: half, once and twice the workload's)."""
+    """Time the computes of training steps of the scenario's model and count their work: the
+    three computes of a split step at each cut in ``cuts`` (default: every cut the model allows)
+    and a whole-model step, at each batch size in ``batches`` (default: half, once and twice the
+    workload's)."""
     wl = scenario.workload
     data = load_dataset(wl.dataset, path=wl.data_path)
     m = wl.model
@@ -195,29 +251,24 @@ def measure_parts(scenario: Scenario, *, batches=None, cuts=None, min_time: floa
 
     models = {cut: split(cut) for cut in cuts}
     whole = split(m.cut).whole()
+    x = torch.tensor(np.array(data.x), dtype=torch.float32)
+    y = torch.tensor(np.array(data.y))
     parts = []
     for b in batches:
-        idx = np.arange(b) % len(data.x)   # (as many samples as the batch needs, repeating a small set)
-        x = torch.tensor(np.array(data.x[idx]), dtype=torch.float32)
-        y = torch.tensor(np.array(data.y[idx]))
+        shape = (b, *x.shape[1:])
         for cut, sm in models.items():
-            act = sm.client(x).detach()
-            # client part: forward + backward from an upstream gradient (as in split learning)
-            fc = count_flops(sm.client, tuple(x.shape), backward=True)
-            step = _train_step_fn(sm.client, x, None, torch.ones_like(act))
-            parts.append(_point("client", b, cut, fc, _time(step, min_time, reps)))
-            # server part: the cut activation with its input gradient
-            fs = count_flops(sm.server, tuple(act.shape), backward=True, input_requires_grad=True)
-            step = _train_step_fn(sm.server, act.clone().requires_grad_(True), y, None)
-            parts.append(_point("server", b, cut, fs, _time(step, min_time, reps)))
-        fw = count_flops(whole, tuple(x.shape), backward=True)
-        parts.append(_point("whole", b, 0, fw, _time(_train_step_fn(whole, x, y, None), min_time, reps)))
+            fc = count_flops(sm.client, shape, backward=True)
+            fs = count_flops(sm.server, (b, *sm.cut_shape), backward=True, input_requires_grad=True)
+            t_fwd, t_srv, t_bwd = _time_phases(_split_phases(sm, x, y, b), min_time, reps)
+            parts += [PartTiming("client_fwd", float(fc.fwd), t_fwd, float(fc.fwd_bytes), fc.fwd_kernels, b, cut),
+                      PartTiming("server", float(fs.fwd + fs.bwd), t_srv, float(fs.fwd_bytes + fs.bwd_bytes),
+                                 fs.fwd_kernels + fs.bwd_kernels, b, cut),
+                      PartTiming("client_bwd", float(fc.bwd), t_bwd, float(fc.bwd_bytes), fc.bwd_kernels, b, cut)]
+        fw = count_flops(whole, shape, backward=True)
+        (t_whole,) = _time_phases([_whole_step(whole, x, y, b)], min_time, reps)
+        parts.append(PartTiming("whole", float(fw.fwd + fw.bwd), t_whole, float(fw.fwd_bytes + fw.bwd_bytes),
+                                fw.fwd_kernels + fw.bwd_kernels, b, 0))
     return parts
-
-
-def _point(part: str, batch: int, cut: int, fc, seconds: float) -> PartTiming:
-    return PartTiming(part, float(fc.fwd + fc.bwd), seconds, float(fc.fwd_bytes + fc.bwd_bytes),
-                      fc.fwd_kernels + fc.bwd_kernels, batch, cut)
 
 
 def calibrate(scenario: Scenario, *, min_time: float = 0.3, reps: int = 5) -> Calibration:

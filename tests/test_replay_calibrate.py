@@ -55,14 +55,21 @@ def test_calibrate_fits_the_compute_model_and_writes_a_loadable_profile(tmp_path
     from simkit.world.devices import Device
 
     cal = calibrate(scenario_from_dict({"fleet": {"counts": {"rpi4": 1}}}), min_time=0.02, reps=3)
-    # digits CNN (2 conv blocks + linear): client and server at cuts 1 and 2, and the whole, at 16/32/64
-    assert [(p.part, p.cut, p.batch) for p in cal.parts[:5]] == [("client", 1, 16), ("server", 1, 16), ("client", 2, 16),
-                                                                 ("server", 2, 16), ("whole", 0, 16)]
-    assert sorted({p.batch for p in cal.parts}) == [16, 32, 64] and len(cal.parts) == 15
+    # digits CNN (2 conv blocks + linear): the three computes of a split step at cuts 1 and 2 and a
+    # whole-model step, at batch 16, 32 and 64
+    assert [(p.part, p.cut, p.batch) for p in cal.parts[:7]] == [
+        ("client_fwd", 1, 16), ("server", 1, 16), ("client_bwd", 1, 16), ("client_fwd", 2, 16), ("server", 2, 16),
+        ("client_bwd", 2, 16), ("whole", 0, 16)]
+    assert sorted({p.batch for p in cal.parts}) == [16, 32, 64] and len(cal.parts) == 21
     at = {p.part: p for p in cal.fidelity_points()}
-    assert sorted(at) == ["client", "server", "whole"] and {p.batch for p in at.values()} == {32}
-    assert at["whole"].flops == at["client"].flops + at["server"].flops
-    assert at["whole"].kernels == at["client"].kernels + at["server"].kernels
+    assert sorted(at) == ["client_bwd", "client_fwd", "server", "whole"] and {p.batch for p in at.values()} == {32}
+    assert sorted(cal.ratios()) == ["client", "server", "whole"]
+    assert cal.ratios()["client"] == pytest.approx(
+        (cal.predicted(at["client_fwd"].flops, at["client_fwd"].nbytes, at["client_fwd"].kernels)
+         + cal.predicted(at["client_bwd"].flops, at["client_bwd"].nbytes, at["client_bwd"].kernels))
+        / (at["client_fwd"].seconds + at["client_bwd"].seconds), rel=1e-12)
+    for field in ("flops", "kernels"):   # the split step's computes add up to the whole model's step
+        assert getattr(at["whole"], field) == sum(getattr(at[k], field) for k in ("client_fwd", "server", "client_bwd"))
     assert cal.effective_flops > 1e6 and cal.overhead_s >= 0 and cal.kernel_overhead_s >= 0
     # how close the fit comes depends on this host's timing noise (a benchmark figure,
     # calibration_error_max, not a test): here only that it is the fit of what was measured
