@@ -12,9 +12,8 @@ compute model the simulator uses (:class:`simkit.config.DeviceProfile`, ``docs/m
 
 to the measured computes (21 for the digits CNN), minimising the squared *relative* error with
 every coefficient non-negative (Lawson & Hanson's NNLS, ``scipy.optimize.nnls``), and writes a
-device profile with
-``peak_flops = R``, ``efficiency = 1``, ``traffic_bytes_per_s = B``, ``step_overhead_s`` and
-``kernel_overhead_s``. The memory term is a roofline's other side (Williams, Waterman & Patterson,
+device profile with ``peak_flops = R``, ``efficiency = 1``, ``traffic_bytes_per_s = B``,
+``step_overhead_s`` and ``kernel_overhead_s``. The memory term is a roofline's other side (Williams, Waterman & Patterson,
 CACM 2009): on small inputs the elementwise work and activation traffic, not the FLOPs, set the
 time (a 1-channel convolution on 8x8 digits runs at a fifth of the FLOP rate of the layers after
 it); the kernel term is the fixed cost of each op whatever its size (as in Paleo, Qi et al.,
@@ -189,8 +188,11 @@ def _batches(n: int, b: int, gen: torch.Generator):
 
 
 def _split_phases(sm, x: torch.Tensor, y: torch.Tensor, b: int):
-    """The three computes of a split-learning step, as simkit runs them (``simkit.algorithms.sl``),
-    on a fresh batch each step: client forward, server step, client backward + SGD step."""
+    """The three computes of a split-learning step, run by split learning's own torch phases
+    (:func:`simkit.algorithms.sl._torch_phases`) on a fresh batch each step: client forward (with
+    the batch's gather), server step, client backward + SGD step."""
+    from simkit.algorithms.sl import _torch_phases
+
     copt = torch.optim.SGD(sm.client.parameters(), lr=1e-3)
     sopt = torch.optim.SGD(sm.server.parameters(), lr=1e-3)
     nxt = _batches(len(x), b, torch.Generator().manual_seed(0))
@@ -198,21 +200,14 @@ def _split_phases(sm, x: torch.Tensor, y: torch.Tensor, b: int):
 
     def forward():
         idx = next(nxt)
-        box["y"] = y[idx]
-        copt.zero_grad(set_to_none=True)
-        box["a"] = sm.client(x[idx])
-        box["act"] = box["a"].detach()
+        fwd, box["server"], box["backward"] = _torch_phases(sm.client, copt, sm.server, sopt, x[idx], y[idx])
+        box["act"] = fwd()
 
     def server():
-        a = box["act"].clone().requires_grad_(True)
-        sopt.zero_grad(set_to_none=True)
-        F.cross_entropy(sm.server(a), box["y"]).backward()
-        sopt.step()
-        box["g"] = a.grad
+        box["grad"] = box["server"](box["act"])
 
     def backward():
-        box["a"].backward(box["g"])
-        copt.step()
+        box["backward"](box["grad"])
 
     return [forward, server, backward]
 
