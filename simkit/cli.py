@@ -304,10 +304,10 @@ def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario
     except SimkitError as exc:
         _fail(exc)
     traffic = f"{cal.traffic_bytes_per_s / 1e9:,.2f} GB/s written" if cal.traffic_bytes_per_s else "traffic free"
-    table = Table("part", "cut", "batch", "FLOPs / step", "bytes written", "kernels", "measured ms", "simulated ms",
+    table = Table("compute", "cut", "batch", "FLOPs", "bytes written", "kernels", "measured ms", "simulated ms",
                   "simulated / measured",
                   title=f"{cal.effective_flops / 1e9:,.2f} GFLOP/s effective, {traffic}, "
-                        f"{cal.overhead_s * 1e6:,.0f} us per step + {cal.kernel_overhead_s * 1e6:,.1f} us per kernel "
+                        f"{cal.overhead_s * 1e6:,.0f} us per compute + {cal.kernel_overhead_s * 1e6:,.1f} us per kernel "
                         f"({threads} thread(s))")
     fidelity = {id(p) for p in cal.fidelity_points()}
     for p in cal.parts:
@@ -315,8 +315,10 @@ def calibrate_cmd(scenario: Optional[Path] = typer.Argument(None, help="scenario
                       f"{p.seconds * 1e3:.3f}", f"{cal.predicted(p.flops, p.nbytes, p.kernels) * 1e3:.3f}",
                       f"{cal.ratio(p):.3f}" + (" *" if id(p) in fidelity else ""))
     console.print(table)
-    console.print(f"calibration_error_max {cal.error_max:.3f} (* the workload's cut and batch; all points "
-                  f"{cal.fit_error_max:.3f}); profile written to {out}", highlight=False)
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in cal.ratios().items())
+    console.print(f"simulated / measured step time at the workload's cut and batch (*): {parts}; "
+                  f"calibration_error_max {cal.error_max:.3f} (each compute alone, all rows: {cal.fit_error_max:.3f}); "
+                  f"profile written to {out}", highlight=False)
 
 
 def main() -> None:
