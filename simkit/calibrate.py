@@ -256,13 +256,11 @@ def measure_parts(scenario: Scenario, *, batches=None, cuts=None, min_time: floa
             fs = count_flops(sm.server, (b, *sm.cut_shape), backward=True, input_requires_grad=True)
             t_fwd, t_srv, t_bwd = _time_phases(_split_phases(sm, x, y, b), min_time, reps)
             parts += [PartTiming("client_fwd", float(fc.fwd), t_fwd, float(fc.fwd_bytes), fc.fwd_kernels, b, cut),
-                      PartTiming("server", float(fs.fwd + fs.bwd), t_srv, float(fs.fwd_bytes + fs.bwd_bytes),
-                                 fs.fwd_kernels + fs.bwd_kernels, b, cut),
+                      PartTiming("server", float(fs.total), t_srv, float(fs.nbytes), fs.kernels, b, cut),
                       PartTiming("client_bwd", float(fc.bwd), t_bwd, float(fc.bwd_bytes), fc.bwd_kernels, b, cut)]
         fw = count_flops(whole, shape, backward=True)
         (t_whole,) = _time_phases([_whole_step(whole, x, y, b)], min_time, reps)
-        parts.append(PartTiming("whole", float(fw.fwd + fw.bwd), t_whole, float(fw.fwd_bytes + fw.bwd_bytes),
-                                fw.fwd_kernels + fw.bwd_kernels, b, 0))
+        parts.append(PartTiming("whole", float(fw.total), t_whole, float(fw.nbytes), fw.kernels, b, 0))
     return parts
 
 

@@ -66,7 +66,7 @@ class DeviceProfile(Spec):
         flops / (peak_flops * efficiency) + bytes / traffic_bytes_per_s
             + step_overhead_s + kernels * kernel_overhead_s
 
-    (``docs/compute-model.md``). The last three terms are optional: without
+    (``docs/model.md#compute``). The last three terms are optional: without
     ``traffic_bytes_per_s`` memory traffic costs nothing and the model is the pure FLOP-rate one.
     ``simkit calibrate`` measures all of them on a host.
     """

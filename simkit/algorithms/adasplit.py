@@ -338,15 +338,11 @@ class AdaSplit(Algorithm):
             self._head_flops[ck] = fc
         return fc
 
-    def server_flops(self, key: str, batch: int) -> float:
+    def server_cost(self, key: str, batch: int) -> tuple[float, float, int]:
+        """The server step's FLOPs (with the masks'), bytes its ops write and kernels (the masks'
+        own elementwise work is left out of those two, as their FLOPs are counted apart)."""
         sf = self.ctx.flops(self.ctx.server_template, "server", key, batch, input_grad=self.spec.return_gradients)
-        return float(sf.fwd + sf.bwd) + self._mask_flops
-
-    def server_traffic(self, key: str, batch: int) -> tuple[float, int]:
-        """Bytes the server step's ops write and its kernels (the masks' own elementwise work is
-        left out, as their FLOPs are counted apart)."""
-        sf = self.ctx.flops(self.ctx.server_template, "server", key, batch, input_grad=self.spec.return_gradients)
-        return float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels
+        return float(sf.total) + self._mask_flops, float(sf.nbytes), sf.kernels
 
     def act_bytes(self, act: torch.Tensor | None, batch: int) -> int:
         """Bytes of a batch's activation payload (labels not included)."""
@@ -560,9 +556,8 @@ class AdaSplit(Algorithm):
         else:
             work = self._local_work(c, idx)
 
-        nbytes = cf.fwd_bytes + cf.bwd_bytes + hf.fwd_bytes + hf.bwd_bytes
-        kernels = cf.fwd_kernels + cf.bwd_kernels + hf.fwd_kernels + hf.bwd_kernels
-        yield from ctx.client_compute(c, cf.fwd + hf.fwd, cf.bwd + hf.bwd, "local_step", work, nbytes, kernels)
+        yield from ctx.client_compute(c, cf.fwd + hf.fwd, cf.bwd + hf.bwd, "local_step", work, cf.nbytes + hf.nbytes,
+                                      cf.kernels + hf.kernels)
 
     def _local_work(self, c: ClientRuntime, idx: torch.Tensor):
         """The torch work of a local SupCon step (None in the fast mode)."""
@@ -680,8 +675,8 @@ class AdaSplit(Algorithm):
             return grad, float(ps.mean()), std
 
         try:
-            value = yield from ctx.server_compute(self.server_flops(c.key, b), "server_step", work,
-                                                  *self.server_traffic(c.key, b))
+            flops, nbytes, kernels = self.server_cost(c.key, b)
+            value = yield from ctx.server_compute(flops, "server_step", work, nbytes, kernels)
         except Unavailable as exc:
             return _Served(exc=exc)
         self.selected_steps[i] += 1

@@ -259,7 +259,7 @@ class Context:
                 float(cf.fwd), float(cf.bwd), float(sf.fwd + sf.bwd),
                 self.act_bytes(batch), self.act_bytes(batch, with_labels=False),
                 float(cf.fwd_bytes), cf.fwd_kernels, float(cf.bwd_bytes), cf.bwd_kernels,
-                float(sf.fwd_bytes + sf.bwd_bytes), sf.fwd_kernels + sf.bwd_kernels)
+                float(sf.nbytes), sf.kernels)
         return v
 
     def act_bytes(self, batch: int, *, act: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -294,9 +294,8 @@ class Context:
         """The server's compute averaging ``updates`` models of ``n_params`` parameters: a
         multiply-add per parameter per update (2 FLOPs), each writing the running sum (one
         element's bytes), no kernels counted."""
-        value = yield from self.server_compute(2.0 * n_params * updates, "aggregate", work,
-                                               float(n_params * updates * self.elem_bytes))
-        return value
+        return (yield from self.server_compute(2.0 * n_params * updates, "aggregate", work,
+                                               float(n_params * updates * self.elem_bytes)))
 
     def send(self, src: Device, dst: Device, nbytes: float, tag: str):
         """Transfer event of one message (payload + per-message overhead)."""

@@ -113,9 +113,8 @@ class FedAvg(Algorithm):
                     if cost is None:
                         cf = ctx.flops(ctx.client_templates[c.key], "client", c.key, b, input_grad=False)
                         sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
-                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd,
-                                           cf.fwd_bytes + cf.bwd_bytes + sf.fwd_bytes + sf.bwd_bytes,
-                                           cf.fwd_kernels + cf.bwd_kernels + sf.fwd_kernels + sf.bwd_kernels)
+                        cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd, cf.nbytes + sf.nbytes,
+                                           cf.kernels + sf.kernels)
                     step = None
                     if real:
                         def step(idx=idx):

@@ -1,8 +1,8 @@
 """FLOP counts (and memory traffic) of real model parts, from torch's own counter.
 
 The simulator charges compute time as ``flops / (peak_flops * efficiency)`` (DESIGN.md §1), plus,
-on a profile that models them, ``bytes / memory_bps`` and a fixed cost per parameter tensor
-(:class:`~simkit.config.DeviceProfile`, ``docs/compute-model.md``). So the FLOPs come from the
+on a profile that models them, ``bytes / traffic_bytes_per_s`` and a fixed cost per kernel
+(:class:`~simkit.config.DeviceProfile`, ``docs/model.md#compute``). So the FLOPs come from the
 actual module at the actual batch shape, counted by
 :class:`torch.utils.flop_counter.FlopCounterMode`:
 
@@ -73,6 +73,16 @@ class FlopCount:
     @property
     def total(self) -> int:
         return self.fwd + self.bwd
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes written by both passes."""
+        return self.fwd_bytes + self.bwd_bytes
+
+    @property
+    def kernels(self) -> int:
+        """Kernels of both passes."""
+        return self.fwd_kernels + self.bwd_kernels
 
 
 def count_flops(

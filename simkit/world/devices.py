@@ -9,7 +9,7 @@ as its scenario gives), then lasts
 
 seconds (``bytes``: tensor data the compute's ops write; ``kernels``: the ops it runs;
 both 0 unless the caller counts them, and the bytes term 0 on a profile without a traffic rate:
-``docs/compute-model.md``), during which the device's energy meter is in the ``compute`` state. ``speed_factor``
+``docs/model.md#compute``), during which the device's energy meter is in the ``compute`` state. ``speed_factor``
 is the device's seeded lognormal jitter (fixed for the run); ``slowdown`` is a straggler factor
 that a fault may change for an interval (it applies to computes that *start* in the interval).
 
