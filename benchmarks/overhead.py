@@ -4,7 +4,11 @@ Both sides use the same clients, data tensors, model, batch order and number of 
 built by the same simkit code, untimed); only the timed part differs:
 
 - **bare**: plain Python loops doing the steps (FedAvg: per client local epochs then a weighted
-  average; SL: clients in turn, split forward/backward through the server part, weight relay);
+  average; SL: clients in turn, split forward/backward through the server part, weight relay).
+  Each round's batch orders are drawn before its torch work, as simkit does: Python code run
+  between two pieces of torch work runs cache-cold (drawing a client's order costs ~25 us warm,
+  ~100 us there), and a loop that drew each client's order at its turn ran ~6 % slower (N = 100)
+  -- a difference of loop order, not of simulation, which the ratio should not count;
 - **simkit**: ``env.run()`` of the algorithm's SimPy processes (compute and transfer events,
   max-min network, energy integration, records, FLOP lookups).
 
@@ -25,7 +29,10 @@ into one event). The SL rows also print the added cost
 with chains off (``Chain.enabled = False``, the phase-by-phase events; same results to the bit),
 measured in the same run, and their ratio.
 
-Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 3] [--json FILE]
+The wall-clock ratio is the noisiest figure here (each pair drifts with the VM's load), so it
+takes the median of 7 pairs by default (``--reps``); the fast-mode figures take as many.
+
+Run:  python -m benchmarks.overhead [--quick] [--clients 10 100] [--reps 7] [--json FILE]
 """
 
 from __future__ import annotations
@@ -79,11 +86,12 @@ def bare_fedavg(ctx: Context, rounds: int) -> None:
     gstate = {k: v.clone() for k, v in glob.state_dict().items()}
     for rnd in range(rounds):
         states, weights = [], []
-        for c in ctx.clients:
+        orders = [ctx.epoch_order(c, rnd) for c in ctx.clients]   # (see the module's docstring)
+        for c, order in zip(ctx.clients, orders):
             m = workers[c.name]
             m.load_state_dict(gstate)
             opt = ctx.optimizer(m.parameters())
-            for idx in ctx.epoch_order(c, rnd):
+            for idx in order:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(m(c.x_train[idx]), c.y_train[idx]).backward()
                 opt.step()
@@ -101,10 +109,11 @@ def bare_sl(ctx: Context, rounds: int) -> None:
     server = copy.deepcopy(ctx.server_template)
     sopt = ctx.optimizer(server.parameters())
     for rnd in range(rounds):
-        for c in ctx.clients:
+        orders = [ctx.epoch_order(c, rnd) for c in ctx.clients]
+        for c, order in zip(ctx.clients, orders):
             cm.load_state_dict(cstate)
             copt = ctx.optimizer(cm.parameters())
-            for idx in ctx.epoch_order(c, rnd):
+            for idx in order:
                 copt.zero_grad(set_to_none=True)
                 a = cm(c.x_train[idx])
                 s = a.detach().clone().requires_grad_(True)
@@ -177,7 +186,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    args.reps = args.reps or (1 if args.quick else 3)
+    args.reps = args.reps or (1 if args.quick else 7)
     clients = args.clients or [10, 100]
     rounds = 1 if args.quick else 2
     out = {}

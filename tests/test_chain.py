@@ -80,8 +80,8 @@ def assert_identical(a, b) -> None:
 ])
 def test_sl_run_with_chains_is_the_phase_by_phase_run(workload, chains, monkeypatch):
     # real training; phones on LTE (radio tails), Wi-Fi boards, two local epochs; every step and
-    # relay of vanilla SL is alone in the world, so each client's turn (its relay and all its
-    # steps) is one chain
+    # relay of vanilla SL is alone in the world, so each round (every client's whole turn: its
+    # relay and all its steps) is one chain
     on, off = both(scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}, workload=workload), monkeypatch)
     assert chains["refused"] == 0
     fwd = on.records["compute"].query("tag == 'client_fwd'")
@@ -89,15 +89,16 @@ def test_sl_run_with_chains_is_the_phase_by_phase_run(workload, chains, monkeypa
     assert turns == 4 * 2 and len(fwd) > 4 * turns   # several steps per turn
     groups = 2 if workload else 1   # each model group relays its own client part
     assert (on.records["transfer"].tag == "relay").sum() == turns - groups
-    assert chains["commit"] == turns
+    assert chains["commit"] == 2   # rounds
     assert_identical(on, off)
     assert on.records["transfer"].shape[0] > 0 and on.summary["energy_j_clients"] > 0
 
 
 def test_a_turn_chains_up_to_the_next_event_and_after_it(chains, monkeypatch):
     # an unrelated event (another device starts straggling) in the middle of the third step of
-    # rpi4-1's turn: its relay and first two steps are one chain, the third runs phase by phase,
-    # the rest are one more chain; every other turn stays whole
+    # rpi4-1's turn: rpi4-0's turn is one chain (rpi4-1's does not fit whole after it); rpi4-1's
+    # relay and first two steps are one chain, the third runs phase by phase, the rest are one
+    # more chain; the phones' two whole turns are one chain
     sc = scenario({"name": "sl", "local_epochs": 2, "lr": 0.05}, rounds=1)
     fwd = run(sc).records["compute"].query("tag == 'client_fwd' and device == 'rpi4-1'")
     assert len(fwd) >= 5
@@ -105,7 +106,8 @@ def test_a_turn_chains_up_to_the_next_event_and_after_it(chains, monkeypatch):
     sc["faults"] = [{"kind": "straggler", "device": "phone-midrange-1", "factor": 2.0, "from_s": at, "to_s": 1e6}]
     chains.update(commit=0, refused=0)
     on, off = both(sc, monkeypatch)
-    assert chains["commit"] == 4 + 1 and chains["refused"] == 1
+    # refused: rpi4-1's turn as a whole, and its third step
+    assert chains["commit"] == 4 and chains["refused"] == 2
     assert_identical(on, off)
     # the straggling started where asked: phone-midrange-1's computes take longer (twice the
     # FLOP time, plus the same per-step overhead, which dominates here)
@@ -113,6 +115,44 @@ def test_a_turn_chains_up_to_the_next_event_and_after_it(chains, monkeypatch):
     base = run({**sc, "faults": []}).records["compute"]
     pm1 = (comp.device == "phone-midrange-1") & (comp.tag == "client_fwd")
     assert ((comp[pm1].end - comp[pm1].start).to_numpy() > (base[pm1].end - base[pm1].start).to_numpy()).all()
+
+
+def test_a_round_chain_stops_at_a_client_that_sits_out(chains, monkeypatch):
+    # phone-midrange-0 (third in turn order) crashes at 0: each round, the turns before it are one
+    # chain, its dropout is recorded at the instant its turn comes (rpi4-1's turn ends), and the
+    # turn after it is one more chain. (In round 0 the crash itself is due at 0: rpi4-0's first
+    # step runs phase by phase -- two chains refused, its turn whole and split_steps' -- and the
+    # rest of its turn is a chain of its own, so rpi4-1's turn is one too.)
+    sc = scenario({"name": "sl", "lr": 0.05}, faults=[{"kind": "crash", "device": "phone-midrange-0", "at_s": 0.0}])
+    on, off = both(sc, monkeypatch)
+    assert chains["commit"] == 3 + 2 and chains["refused"] == 2
+    assert_identical(on, off)
+    drops = on.records["dropout"].query("device == 'phone-midrange-0' and reason == 'dead'")
+    comp = on.records["compute"]
+    ends = comp[comp.device == "rpi4-1"].groupby("round").end.max()
+    assert drops["round"].tolist() == [0, 1]
+    assert drops.time.tolist() == ends.tolist()
+    # the relay skips the dead client: phone-midrange-1 receives the weights from rpi4-1
+    relays = on.records["transfer"].query("tag == 'relay' and dst == 'phone-midrange-1'")
+    assert len(relays) == 2 and (relays.src == "rpi4-1").all()
+
+
+def test_a_round_chain_stops_at_a_round_dropout(chains, monkeypatch):
+    # per-round dropouts and nothing else: a client dropped from a round ends the chain of the
+    # turns before it (it is on: only the round's draw says it sits out), its dropout is recorded
+    # when its turn comes, and the turns after it chain again
+    sc = scenario({"name": "sl", "lr": 0.05}, rounds=4, availability={"kind": "dropout", "dropout_p": 0.3})
+    on, off = both(sc, monkeypatch)
+    assert_identical(on, off)
+    drops = on.records["dropout"]
+    order = ["rpi4-0", "rpi4-1", "phone-midrange-0", "phone-midrange-1"]
+    # (the seed gives a dropout between two clients that train in the same round)
+    inner = [(r.round, r.device) for r in drops.itertuples() if 0 < order.index(r.device) < 3]
+    assert inner and (drops.reason == "round_dropout").all()
+    trained = on.records["compute"].query("tag == 'client_fwd'").groupby("round").device.unique()
+    for rnd, dev in inner:
+        assert dev not in trained[rnd]
+    assert chains["refused"] == 0 and chains["commit"] > 4   # more than one chain in some round
 
 
 FAULTS = [

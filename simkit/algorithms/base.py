@@ -308,14 +308,21 @@ class Context:
         return Chain(self.env, self.world.network, overhead=self.overhead)
 
     # -- availability ------------------------------------------------------------------------
-    def available(self, client: ClientRuntime, rnd: int) -> bool:
-        """Is ``client`` on and not dropped for round ``rnd``? Records the dropout if not."""
+    def unavailable(self, client: ClientRuntime, rnd: int) -> str | None:
+        """Why ``client`` would sit out round ``rnd`` if its turn came now ("dead", "off",
+        "round_dropout"), or None; records nothing."""
         dev = client.device
         if dev.dead or not dev.on:
-            self.recorder.dropout(client.name, self.env.now, "off" if not dev.dead else "dead")
-            return False
+            return "off" if not dev.dead else "dead"
         if self.world.availability.drops_round(client.name, rnd):
-            self.recorder.dropout(client.name, self.env.now, "round_dropout")
+            return "round_dropout"
+        return None
+
+    def available(self, client: ClientRuntime, rnd: int) -> bool:
+        """Is ``client`` on and not dropped for round ``rnd``? Records the dropout if not."""
+        reason = self.unavailable(client, rnd)
+        if reason is not None:
+            self.recorder.dropout(client.name, self.env.now, reason)
             return False
         return True
 

@@ -194,35 +194,122 @@ class SplitLearning(Algorithm):
         self.workers: dict[str, nn.Module] = {k: copy.deepcopy(m) for k, m in ctx.client_templates.items()}
 
     def run(self):
+        """Rounds of turns in fleet order. Where nothing else can happen meanwhile, the whole turns
+        of consecutive clients -- relays and steps -- are one chain (:meth:`_plan_turns`; a round
+        alone in the world is one event): their torch work runs back to back, turn by turn, then
+        the chain is accounted. A turn that does not chain whole runs as it comes
+        (:meth:`turn`). Same instants, records, energy and weights as turn by turn, to the bit
+        (tests/test_chain.py)."""
         ctx, env, spec = self.ctx, self.ctx.env, self.spec
+        clients = ctx.clients
         for rnd in range(spec.rounds):
             ctx.recorder.round = rnd
             start = env.now
             served = 0
-            for c in ctx.clients:
+            k, n = 0, len(clients)
+            while k < n:
+                c = clients[k]
                 if not ctx.available(c, rnd):
+                    k += 1
                     continue
-                ok = yield from self.turn(c, rnd)
-                served += ok
+                planned = self._plan_turns(k, rnd) if Chain.enabled else None
+                if planned is None:   # the next turn alone does not chain whole: as it goes
+                    served += yield from self.turn(c, rnd)
+                    k += 1
+                    continue
+                ch, turns = planned
+                if ctx.train:
+                    for tc, batches, costs in turns:
+                        if costs:
+                            self._turn_work(tc, batches, costs)
+                yield ch.commit()
+                for tc, _, costs in turns:
+                    for cs in costs:
+                        _count_step_flops(ctx, cs)
+                    self.holder[tc.key] = tc
+                    ctx.finished[tc.name] = ctx.finished.get(tc.name, 0) + 1
+                served += len(turns)
+                k += len(turns)
             ctx.recorder.round_done(start, env.now, served)
             self.maybe_evaluate(rnd)
 
+    def _batches(self, c: ClientRuntime, rnd: int) -> list:
+        """``c``'s mini-batches of round ``rnd``: ``local_epochs`` passes over its data."""
+        ctx, e = self.ctx, self.spec.local_epochs
+        return [idx for ep in range(e) for idx in ctx.epoch_order(c, rnd * e + ep)]
+
+    def _relay(self, c: ClientRuntime, prev: ClientRuntime | None) -> tuple | None:
+        """The weight relay to ``c`` from ``prev``, the last client that finished a turn on its
+        client part, as ``(src device, nbytes, tag)``; None for the first turn or ``c`` itself."""
+        if prev is not None and prev is not c:
+            return prev.device, self.client_bytes[c.key], "relay"
+        return None
+
+    def _plan_turns(self, k: int, rnd: int):
+        """The whole turns of ``ctx.clients[k:]``, in order, that form one chain ending before the
+        next event: ``(chain, [(client, batches, step costs)])``, or None where not even the first
+        turn fits whole. ``clients[k]`` is available now (the caller checked and recorded it); a
+        later client ends the chain if it would sit out (its dropout is recorded when its turn
+        comes), as does a turn with a phase that cannot be timed ahead or that ends too late. The
+        relays follow the turns planned before them (``held``); the chain's phases are those the
+        turns would add one after another, so its commit replays them at their instants."""
+        ctx = self.ctx
+        clients = ctx.clients
+        ch = ctx.chain()
+        limit = ctx.env.peek()
+        held = {}
+        turns = []
+        n = len(clients)
+        while k < n:
+            c = clients[k]
+            if turns and ctx.unavailable(c, rnd) is not None:
+                break
+            mark = ch.mark()
+            prev = held[c.key] if c.key in held else self.holder[c.key]
+            relay = self._relay(c, prev)
+            ok = relay is None or ch.send(relay[0], c.device, relay[1], relay[2])
+            batches = self._batches(c, rnd)
+            costs = []
+            if ok:
+                for idx in batches:
+                    cs = _plan_step(ch, ctx, c, batch_len(idx))
+                    if cs is None:
+                        ok = False
+                        break
+                    costs.append(cs)
+            if not ok or ch.t >= limit:
+                ch.rollback(mark)
+                break
+            turns.append((c, batches, costs))
+            held[c.key] = c
+            k += 1
+        if not turns or not ch.clear():
+            return None
+        return ch, turns
+
+    def _load(self, c: ClientRuntime) -> tuple:
+        """``(client part, its optimiser, server part, server optimiser)`` for ``c``'s turn, the
+        client part loaded with the relayed weights."""
+        model = self.workers[c.key]
+        model.load_state_dict(self.client_state[c.key])
+        return model, self.ctx.optimizer(model.parameters()), self.server, self.server_opt
+
+    def _turn_work(self, c: ClientRuntime, batches: list, costs: list[SplitCosts]) -> None:
+        """The torch work of ``c``'s whole turn (planned by :meth:`_plan_turns`), and the relayed
+        weights it leaves."""
+        m = self._load(c)
+        for idx, cs in zip(batches, costs):
+            _step_work(self.ctx, c, *m, idx, cs.up, cs.down)
+        self.client_state[c.key] = copy.deepcopy(m[0].state_dict())
+
     def turn(self, c: ClientRuntime, rnd: int):
-        ctx, spec = self.ctx, self.spec
+        """Client ``c``'s turn as it comes (SimPy sub-generator): its relay and steps chained
+        greedily or phase by phase (:func:`split_steps`); 1 if it finished, 0 if it dropped out."""
+        ctx = self.ctx
         try:
-            prev = self.holder[c.key]
-            relay = None
-            if prev is not None and prev is not c:
-                relay = (prev.device, self.client_bytes[c.key], "relay")
-            batches = [idx for e in range(spec.local_epochs)
-                       for idx in ctx.epoch_order(c, rnd * spec.local_epochs + e)]
+            batches = self._batches(c, rnd)
             model = self.workers[c.key]
-
-            def models():
-                model.load_state_dict(self.client_state[c.key])
-                return model, ctx.optimizer(model.parameters()), self.server, self.server_opt
-
-            yield from split_steps(ctx, c, models, batches, relay=relay)
+            yield from split_steps(ctx, c, lambda: self._load(c), batches, relay=self._relay(c, self.holder[c.key]))
             if ctx.train and batches:
                 self.client_state[c.key] = copy.deepcopy(model.state_dict())
             self.holder[c.key] = c

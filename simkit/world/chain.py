@@ -19,9 +19,10 @@ the phase-by-phase run, to the bit (``tests/test_chain.py`` compares whole runs 
 off). This is the classic fast-forward of a discrete-event simulator over a stretch in which a
 single entity is active.
 
-A chain may hold several steps (vanilla SL chains a client's weight relay and as many of its
-steps as end before the next event: :func:`simkit.algorithms.sl.split_steps`); the argument is the
-same, since between the steps the process itself changes nothing but torch state.
+A chain may hold several steps (vanilla SL chains the whole turns -- weight relay and steps -- of
+as many consecutive clients as end before the next event: ``SplitLearning._plan_turns``, and a
+turn that does not fit whole in :func:`simkit.algorithms.sl.split_steps`, greedily); the argument
+is the same, since between the steps the process itself changes nothing but torch state.
 
 Where a chain cannot be told in advance -- a slot taken or queued, other flows on the network, a
 battery near empty (its check moves with every change of power), an event due before the end --
