@@ -26,7 +26,9 @@ simulation, evaluation and set-up included, and a check that both give the same 
 Run:  python -m benchmarks.batched [--quick] [--json FILE] [--threads 1] [--reps 5]
 
 ``--json`` writes ``{"batched_speedup_n50": <median speed-up of batched vs seq at N=50>}``. With a
-CUDA device present, N=100 is also measured there (reported, never required).
+CUDA device present, N=100 is also measured there (``cuda_n100``; reported, never required);
+``--device-only cuda`` measures only that (a lent GPU machine's short check; ``--device-only cpu``
+is a dry run of the same code here).
 """
 
 from __future__ import annotations
@@ -264,11 +266,30 @@ def whole_runs(reps: int, clients: int = 50, rounds: int = 3) -> dict:
     return out
 
 
+def on_device(model: nn.Module, start: dict, device: str, reps: int, min_s: float, steps_per_client: int,
+              n: int = 100) -> float:
+    """Batched vs sequential local training of ``n`` clients on ``device`` (a GPU: the issue's
+    N = 100 figure); prints the table, returns the median speed-up."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    gmodel = nn.Sequential(*[m for m in model]).to(dev)
+    gstart = {k: v.to(dev) for k, v in start.items()}
+    jobs = make_jobs(n, [BATCH * steps_per_client], device=dev)
+    res = compare(methods_for(gmodel, gstart, jobs, vmap=False), n * steps_per_client, reps, min_s,
+                  float("inf"), sync=torch.cuda.synchronize if cuda else None)
+    name = torch.cuda.get_device_name(dev) if cuda else device
+    speed = report(f"{dev.type.upper()} ({name}): N = {n}", res, float("inf"))
+    return statistics.median(speed["batched"])
+
+
 def main(argv=None) -> dict:
     ap = parser(__doc__, quick="N = 10, 50; 3 repetitions; shorter runs")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as the tests)")
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--max-foreign", type=float, default=0.5, help="re-run a repetition above this foreign load")
+    ap.add_argument("--device-only", metavar="DEVICE", default=None,
+                    help="only N = 100 on this torch device (cuda: the GPU figure, e.g. on a lent GPU machine; "
+                         "cpu: a dry run of the same code); --json writes {DEVICE_n100: speed-up}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
@@ -278,6 +299,12 @@ def main(argv=None) -> dict:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     model, start, shape = workload_model()
+    if args.device_only:
+        dev = args.device_only
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device-only {dev}: this torch ({torch.__version__}) sees no CUDA device")
+        figure = on_device(model, start, dev, reps, min_s, steps_per_client)
+        return write_json(args.json, {f"{torch.device(dev).type}_n100": figure})
     fc = count_flops(model, (BATCH, *shape), backward=True)
     step_flops = fc.fwd + fc.bwd
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters, {step_flops / 1e6:.1f} MFLOP per "
@@ -306,16 +333,11 @@ def main(argv=None) -> dict:
     auto_check(args, reps, min_s)
     out["whole_runs"] = whole_runs(reps, rounds=1 if args.quick else 3)
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        gmodel = nn.Sequential(*[m for m in model]).to(dev)
-        gstart = {k: v.to(dev) for k, v in start.items()}
-        jobs = make_jobs(100, [BATCH * steps_per_client], device=dev)
-        res = compare(methods_for(gmodel, gstart, jobs, vmap=False), 100 * steps_per_client, reps, min_s,
-                      float("inf"), sync=torch.cuda.synchronize)
-        speed = report(f"CUDA ({torch.cuda.get_device_name()}): N = 100", res, float("inf"))
-        out["cuda_n100"] = statistics.median(speed["batched"])
+        out["cuda_n100"] = on_device(model, start, "cuda", reps, min_s, steps_per_client)
     compile_program(model, shape)  # the model is supported (raises otherwise)
     result = {"batched_speedup_n50": out["n50"]["batched"]} if "n50" in out else {}
+    if "cuda_n100" in out:
+        result["cuda_n100"] = out["cuda_n100"]
     write_json(args.json, result)
     print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return out
