@@ -38,8 +38,8 @@ def _err(ratios) -> float:
 def in_place(cal, batch: int) -> dict[str, float]:
     """Simulated / host time of a training step's computes inside real simkit runs (SL and FedAvg)
     on the calibrated profile: the host time is that of the step's torch work, timed around the
-    work the algorithms run (``sl._step_work``, FedAvg's step closure)."""
-    import simkit.algorithms.base as base
+    work the algorithms run (``sl._step_work``, ``fedavg.local_step``)."""
+    import simkit.algorithms.fedavg as fedavg
     import simkit.algorithms.sl as sl
     import simkit.world.fleet as fleet
     from simkit.config import DeviceProfile
@@ -59,15 +59,10 @@ def in_place(cal, batch: int) -> dict[str, float]:
             return r
         return w
 
-    orig_profiles, orig_step, orig_cc = fleet.get_profiles, sl._step_work, base.Context.client_compute
-
-    def client_compute(self, client, fwd, bwd, tag, work=None, nbytes=0.0, kernels=0):
-        return orig_cc(self, client, fwd, bwd, tag, timed(work) if work is not None and tag == "train" else work,
-                       nbytes, kernels)
-
+    orig_profiles, orig_step, orig_local = fleet.get_profiles, sl._step_work, fedavg.local_step
     fleet.get_profiles = lambda directory=None: profiles
     sl._step_work = timed(orig_step)
-    base.Context.client_compute = client_compute
+    fedavg.local_step = timed(orig_local)
     out = {}
     try:
         for algo, tags in (("sl", ("client_fwd", "server_step", "client_bwd")), ("fedavg", ("train",))):
@@ -82,7 +77,7 @@ def in_place(cal, batch: int) -> dict[str, float]:
                 raise RuntimeError(f"{algo}: timed {spent[1]} steps of {steps}")
             out[algo] = float((comp.end - comp.start).sum()) / spent[0]
     finally:
-        fleet.get_profiles, sl._step_work, base.Context.client_compute = orig_profiles, orig_step, orig_cc
+        fleet.get_profiles, sl._step_work, fedavg.local_step = orig_profiles, orig_step, orig_local
     return out
 
 

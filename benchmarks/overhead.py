@@ -82,13 +82,12 @@ def build(sc_dict, train: bool = True):
 def bare_fedavg(ctx: Context, rounds: int) -> None:
     key = ctx.clients[0].key
     glob = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))
-    workers = {c.name: copy.deepcopy(glob) for c in ctx.clients}
+    m = copy.deepcopy(glob)   # one working copy: each client's round loads the global weights into it
     gstate = {k: v.clone() for k, v in glob.state_dict().items()}
     for rnd in range(rounds):
         states, weights = [], []
         orders = [ctx.epoch_order(c, rnd) for c in ctx.clients]   # (see the module's docstring)
         for c, order in zip(ctx.clients, orders):
-            m = workers[c.name]
             m.load_state_dict(gstate)
             opt = ctx.optimizer(m.parameters())
             for idx in order:

@@ -10,10 +10,14 @@ the server averages whatever came back (the global model is unchanged if nothing
 dropout is recorded. In the "mixed" workload each dataset group has its own client backbone:
 backbones are averaged within their group, the server part over everyone.
 
-Batched local training (``algorithm.batched: on | auto``): every chosen client starts from the
-same global weights and touches no shared state, so the round's real training can be computed at
-once, ahead, while each client process runs the same costed steps; see
-:mod:`simkit.algorithms.batching` (``FedAvg.batching`` logs what was batched and why).
+Training ahead: every chosen client starts from the same global weights and touches no shared
+state, so when its torch work runs in host time cannot change anything. The round's real
+training is therefore computed at the round's start, ahead, while each client process runs the
+same costed steps in simulated time (the update of a client that drops out is discarded as
+before): one client after another (:meth:`FedAvg.train_ahead`, each client's steps back to back,
+not interleaved with other clients' events, which keeps the host's caches warm), or batched
+(``algorithm.batched: on | auto``, :mod:`simkit.algorithms.batching`; ``FedAvg.batching`` logs
+what was batched and why).
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def local_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               anchor: list | None, mu: float) -> None:
+    """One local step of FedAvg on batch ``(x, y)`` (with FedProx's proximal term towards
+    ``anchor``, the round's start weights, if given)."""
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if anchor is not None:
+        loss = loss + proximal_term(model.parameters(), anchor, mu)
+    loss.backward()
+    opt.step()
+
+
 class FedAvg(Algorithm):
     name = "fedavg"
 
@@ -47,7 +63,8 @@ class FedAvg(Algorithm):
         self.global_client = {k: _clone_state(m) for k, m in ctx.client_templates.items()}
         self.global_server = _clone_state(ctx.server_template)
         self.rng = ctx.seeds.numpy("fedavg.select")
-        self.workers: dict[str, nn.Sequential] = {}
+        #: model key -> the whole model its clients train in, one after another (train_ahead)
+        self.scratch: dict[str, nn.Sequential] = {}
         self.whole_bytes = {k: ctx.model_bytes(m) + ctx.model_bytes(ctx.server_template)
                             for k, m in ctx.client_templates.items()}
         self.batcher = RoundBatcher(ctx, self.spec.batched)
@@ -57,12 +74,30 @@ class FedAvg(Algorithm):
         #: model key -> batch size -> (fwd, bwd) FLOPs of one local step of the whole model
         self._step_costs: dict[str, dict[int, tuple[float, float]]] = {}
 
-    def worker(self, c: ClientRuntime) -> nn.Sequential:
-        m = self.workers.get(c.name)
-        if m is None:
-            m = nn.Sequential(copy.deepcopy(self.ctx.client_templates[c.key]), copy.deepcopy(self.ctx.server_template))
-            self.workers[c.name] = m
-        return m
+    def train_ahead(self, clients: list[ClientRuntime], rnd: int) -> dict[str, Precomputed]:
+        """Train ``clients``' round ``rnd`` from the global weights, one after another (the loop of
+        a client's round: load the global weights, a fresh optimiser, per batch :func:`local_step`);
+        their batch orders and resulting weights by client name. The batch orders are drawn
+        first, in one go."""
+        ctx, spec = self.ctx, self.spec
+        epochs = range(rnd * spec.local_epochs, (rnd + 1) * spec.local_epochs)
+        orders = [[ctx.epoch_order(c, e) for e in epochs] for c in clients]
+        out = {}
+        for c, order in zip(clients, orders):
+            model = self.scratch.get(c.key)
+            if model is None:   # one per model group: each client's round overwrites it whole
+                model = self.scratch[c.key] = nn.Sequential(copy.deepcopy(ctx.client_templates[c.key]),
+                                                            copy.deepcopy(ctx.server_template))
+            model[0].load_state_dict(self.global_client[c.key])
+            model[1].load_state_dict(self.global_server)
+            opt = ctx.optimizer(model.parameters())
+            anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
+            x, y = c.x_train, c.y_train
+            for batches in order:
+                for idx in batches:
+                    local_step(model, opt, x[idx], y[idx], anchor, spec.mu)
+            out[c.name] = Precomputed(order, _clone_state(model[0]), _clone_state(model[1]))
+        return out
 
     def select(self, rnd: int) -> list[ClientRuntime]:
         ctx = self.ctx
@@ -81,12 +116,9 @@ class FedAvg(Algorithm):
             chosen = self.select(rnd)
             pre = self.batcher.precompute(chosen, rnd, self.spec.local_epochs, self.global_client, self.global_server,
                                           mu=self.spec.mu)
-            # training one by one: the clients' batch orders drawn here in one go (host time only:
-            # Python run between two clients' torch work runs cache-cold, 2-4x slower)
-            epochs = range(rnd * self.spec.local_epochs, (rnd + 1) * self.spec.local_epochs)
-            orders = {c.name: [ctx.epoch_order(c, e) for e in epochs] for c in chosen
-                      if c.name not in pre} if ctx.train else {}
-            procs = [env.process(self.client_round(c, rnd, pre.get(c.name), orders.get(c.name))) for c in chosen]
+            if ctx.train:   # the clients not batched: one after another
+                pre.update(self.train_ahead([c for c in chosen if c.name not in pre], rnd))
+            procs = [env.process(self.client_round(c, rnd, pre.get(c.name))) for c in chosen]
             done = yield env.all_of(procs)
             updates = [v for v in done.values() if v is not None]
             if updates:
@@ -94,28 +126,19 @@ class FedAvg(Algorithm):
             ctx.recorder.round_done(start, env.now, len(updates))
             self.maybe_evaluate(rnd)
 
-    def client_round(self, c: ClientRuntime, rnd: int, pre: Precomputed | None = None, orders: list | None = None):
-        """``c``'s round (SimPy process): download, local epochs, upload; its update or None if it
-        dropped out. ``pre``: its training done ahead (batched); ``orders``: its batch orders of
-        the round's epochs, if drawn already (else drawn here: :meth:`Context.epoch_order`)."""
+    def client_round(self, c: ClientRuntime, rnd: int, pre: Precomputed | None = None):
+        """``c``'s round (SimPy process): download, local epochs (their costed steps), upload; its
+        update, or None if it dropped out. ``pre``: its training, done ahead (None: the fast
+        mode, no training)."""
         ctx, spec = self.ctx, self.spec
         server, dev = ctx.world.server, c.device
         try:
             yield ctx.send(server, dev, self.whole_bytes[c.key], "model_down")
-            model = opt = anchor = None
-            if ctx.train and pre is None:
-                model = self.worker(c)
-                model[0].load_state_dict(self.global_client[c.key])
-                model[1].load_state_dict(self.global_server)
-                opt = ctx.optimizer(model.parameters())
-                anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
-            real = ctx.train and pre is None   # batched: the real work was done at the start of the round
             costs = self._step_costs.get(c.key)   # batch size -> (fwd, bwd FLOPs, bytes, kernels) of a local step
             if costs is None:
                 costs = self._step_costs[c.key] = {}
             for e in range(spec.local_epochs):
-                order = pre.orders[e] if pre is not None else \
-                    orders[e] if orders is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
+                order = pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e)
                 for idx in order:
                     b = batch_len(idx)
                     cost = costs.get(b)
@@ -124,25 +147,11 @@ class FedAvg(Algorithm):
                         sf = ctx.flops(ctx.server_template, "server", c.key, b, input_grad=True)
                         cost = costs[b] = (cf.fwd + sf.fwd, cf.bwd + sf.bwd, cf.nbytes + sf.nbytes,
                                            cf.kernels + sf.kernels)
-                    step = None
-                    if real:
-                        def step(idx=idx):
-                            opt.zero_grad(set_to_none=True)
-                            loss = F.cross_entropy(model(c.x_train[idx]), c.y_train[idx])
-                            if anchor is not None:
-                                loss = loss + proximal_term(model.parameters(), anchor, spec.mu)
-                            loss.backward()
-                            opt.step()
-
-                    yield from ctx.client_compute(c, cost[0], cost[1], "train", step, cost[2], cost[3])
-            if pre is not None:
-                result = (pre.client_state, pre.server_state, c.n_train, c.key)
-            else:
-                result = ((_clone_state(model[0]), _clone_state(model[1])) if ctx.train else (None, None)) + \
-                    (c.n_train, c.key)
+                    yield from ctx.client_compute(c, cost[0], cost[1], "train", None, cost[2], cost[3])
+            result = (pre.client_state, pre.server_state) if pre is not None else (None, None)
             yield ctx.send(dev, server, self.whole_bytes[c.key], "model_up")
             ctx.finished[c.name] = ctx.finished.get(c.name, 0) + 1
-            return result
+            return result + (c.n_train, c.key)
         except Unavailable as exc:
             ctx.dropped(c, exc)
             return None
