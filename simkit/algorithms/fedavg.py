@@ -43,12 +43,12 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def local_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def local_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, idx,
                anchor: list | None, mu: float) -> None:
-    """One local step of FedAvg on batch ``(x, y)`` (with FedProx's proximal term towards
-    ``anchor``, the round's start weights, if given)."""
+    """One local step of FedAvg on the batch ``idx`` of ``(x, y)`` (with FedProx's proximal term
+    towards ``anchor``, the round's start weights, if given)."""
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    loss = F.cross_entropy(model(x[idx]), y[idx])
     if anchor is not None:
         loss = loss + proximal_term(model.parameters(), anchor, mu)
     loss.backward()
@@ -95,7 +95,7 @@ class FedAvg(Algorithm):
             x, y = c.x_train, c.y_train
             for batches in order:
                 for idx in batches:
-                    local_step(model, opt, x[idx], y[idx], anchor, spec.mu)
+                    local_step(model, opt, x, y, idx, anchor, spec.mu)
             out[c.name] = Precomputed(order, _clone_state(model[0]), _clone_state(model[1]))
         return out
 
