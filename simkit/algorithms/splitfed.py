@@ -13,13 +13,16 @@ in the order they arrive at the server (simulated time); only client parts are a
 Drop-out policy: a client that goes off mid-round is left out of both averages (its server copy
 is discarded); the dropout is recorded.
 
-Batched rounds (``algorithm.batched: on | auto``, V1 only): a V1 client's round touches no shared
-state -- its client part against its own copy of the server part, from the global weights, with
-fresh optimisers -- which is FedAvg's local training of the whole model split in two. So the
-round's real training is computed at once, ahead (:mod:`simkit.algorithms.batching`), and each
-client process runs the same costed split steps (computes, activation and gradient transfers)
-without the torch work. ``SplitFed.batching`` logs what was batched and why. V2's clients share
-one server part in arrival order, so V2 trains sequentially (``on`` warns).
+Training ahead (V1): a V1 client's round touches no shared state -- its client part against its
+own copy of the server part, from the global weights, with fresh optimisers -- which is FedAvg's
+local training of the whole model split in two. So the round's real training is computed at the
+round's start, ahead, and each client process runs the same costed split steps (computes,
+activation and gradient transfers) without the torch work: one client after another
+(:meth:`SplitFed.train_ahead`, split learning's own torch phases, in one working client part and
+server copy per model group), or batched (``algorithm.batched: on | auto``,
+:mod:`simkit.algorithms.batching`; ``SplitFed.batching`` logs what was batched and why). V2's
+clients share one server part in arrival order, so V2 trains each step's torch work at its
+computes, one client's part each (``on`` warns).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import copy
 
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
 from simkit.algorithms.batching import Precomputed, RoundBatcher, warn_not_batchable
-from simkit.algorithms.sl import split_steps
+from simkit.algorithms.sl import _torch_phases, split_steps
 
 
 def _clone(module):
@@ -43,7 +46,10 @@ class SplitFed(Algorithm):
         self.global_client = {k: _clone(m) for k, m in ctx.client_templates.items()}
         self.global_server = _clone(ctx.server_template)
         self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
-        self.workers: dict[str, tuple] = {}
+        #: V2: client name -> its client part
+        self.workers: dict[str, object] = {}
+        #: V1: model key -> (client part, server copy) its clients train in, one after another
+        self.scratch: dict[str, tuple] = {}
         self.v2 = getattr(self.spec, "variant", "v1") == "v2"
         if self.v2:
             self.shared_server = copy.deepcopy(ctx.server_template)
@@ -55,11 +61,38 @@ class SplitFed(Algorithm):
         self.batching = self.batcher.batching
 
     def worker(self, c: ClientRuntime):
+        """V2: ``c``'s own client part (its steps interleave with other clients' on the shared server)."""
         w = self.workers.get(c.name)
         if w is None:
-            w = (copy.deepcopy(self.ctx.client_templates[c.key]), copy.deepcopy(self.ctx.server_template))
-            self.workers[c.name] = w
+            w = self.workers[c.name] = copy.deepcopy(self.ctx.client_templates[c.key])
         return w
+
+    def train_ahead(self, clients: list[ClientRuntime], rnd: int) -> dict[str, Precomputed]:
+        """V1: train ``clients``' round ``rnd`` from the global weights, one after another (their
+        batch orders drawn first, in one go), each step split learning's torch phases (client
+        forward, server step on the client's server copy, client backward), fresh optimisers per
+        client; their batch orders and resulting weights by client name."""
+        ctx, spec = self.ctx, self.spec
+        epochs = range(rnd * spec.local_epochs, (rnd + 1) * spec.local_epochs)
+        orders = [[ctx.epoch_order(c, e) for e in epochs] for c in clients]
+        out = {}
+        for c, order in zip(clients, orders):
+            pair = self.scratch.get(c.key)
+            if pair is None:   # one per model group: each client's round overwrites it whole
+                pair = self.scratch[c.key] = (copy.deepcopy(ctx.client_templates[c.key]),
+                                              copy.deepcopy(ctx.server_template))
+            cmodel, smodel = pair
+            cmodel.load_state_dict(self.global_client[c.key])
+            copt = ctx.optimizer(cmodel.parameters())
+            smodel.load_state_dict(self.global_server)
+            sopt = ctx.optimizer(smodel.parameters())
+            x, y = c.x_train, c.y_train
+            for batches in order:
+                for idx in batches:
+                    forward, server_step, backward = _torch_phases(cmodel, copt, smodel, sopt, x[idx], y[idx])
+                    backward(server_step(forward()))
+            out[c.name] = Precomputed(order, _clone(cmodel), _clone(smodel))
+        return out
 
     def run(self):
         ctx, env = self.ctx, self.ctx.env
@@ -68,6 +101,8 @@ class SplitFed(Algorithm):
             start = env.now
             chosen = [c for c in ctx.clients if ctx.available(c, rnd)]
             pre = self.batcher.precompute(chosen, rnd, self.spec.local_epochs, self.global_client, self.global_server)
+            if ctx.train and not self.v2:   # the V1 clients not batched: one after another
+                pre.update(self.train_ahead([c for c in chosen if c.name not in pre], rnd))
             done = yield env.all_of([env.process(self.client_round(c, rnd, pre.get(c.name))) for c in chosen])
             updates = [v for v in done.values() if v is not None]
             if updates:
@@ -81,27 +116,19 @@ class SplitFed(Algorithm):
         try:
             yield ctx.send(server, c.device, self.client_bytes[c.key], "model_down")
             cmodel = smodel = copt = sopt = None
-            real = ctx.train and pre is None   # batched: trained ahead at the start of the round
-            if not real:
-                pass
-            elif self.v2:
-                cmodel, _ = self.worker(c)
+            real = ctx.train and pre is None   # V1: trained ahead at the start of the round
+            if real:   # V2
+                cmodel = self.worker(c)
                 cmodel.load_state_dict(self.global_client[c.key])
                 copt = ctx.optimizer(cmodel.parameters())
                 smodel, sopt = self.shared_server, self.shared_opt
-            else:
-                cmodel, smodel = self.worker(c)
-                cmodel.load_state_dict(self.global_client[c.key])
-                copt = ctx.optimizer(cmodel.parameters())
-                smodel.load_state_dict(self.global_server)
-                sopt = ctx.optimizer(smodel.parameters())
             batches = [idx for e in range(spec.local_epochs)
                        for idx in (pre.orders[e] if pre is not None else ctx.epoch_order(c, rnd * spec.local_epochs + e))]
             yield from split_steps(ctx, c, lambda: (cmodel, copt, smodel, sopt), batches, real=real)
             if pre is not None:
                 result = (pre.client_state, pre.server_state, c.n_train, c.key)
-            elif ctx.train:
-                result = (_clone(cmodel), None if self.v2 else _clone(smodel), c.n_train, c.key)
+            elif ctx.train:   # V2
+                result = (_clone(cmodel), None, c.n_train, c.key)
             else:
                 result = (None, None, c.n_train, c.key)
             yield ctx.send(c.device, server, self.client_bytes[c.key], "model_up")
