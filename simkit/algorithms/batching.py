@@ -33,6 +33,7 @@ error so that a study sweeping ``algorithm.name`` with ``batched: on`` still run
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,6 +63,25 @@ class Precomputed:
     orders: list  # per local epoch, the batches (for the costed steps)
     client_state: dict
     server_state: dict
+
+
+def round_orders(ctx: Context, clients: Sequence[ClientRuntime], rnd: int, local_epochs: int) -> list[list]:
+    """The batch orders of ``clients``' round ``rnd``: per client, per local epoch
+    (:meth:`Context.epoch_order` of epoch ``rnd * local_epochs + e``), drawn in one go."""
+    return [[ctx.epoch_order(c, rnd * local_epochs + e) for e in range(local_epochs)] for c in clients]
+
+
+def working_model(cache: dict, ctx: Context, key: str, client_state: dict, server_state: dict) -> nn.Sequential:
+    """The working copy of model group ``key``'s whole model (client part, server part) in which
+    its clients train one after another (one per group, kept in ``cache``), loaded with
+    ``client_state`` and ``server_state`` (the round's global weights): each client's round
+    overwrites it whole."""
+    model = cache.get(key)
+    if model is None:
+        model = cache[key] = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))
+    model[0].load_state_dict(client_state)
+    model[1].load_state_dict(server_state)
+    return model
 
 
 def warn_not_batchable(ctx: Context, algorithm: str, why: str) -> None:
@@ -162,7 +182,7 @@ class RoundBatcher:
             self.log(rnd, key, len(group), use, why)
             if not use:
                 continue
-            orders = [[ctx.epoch_order(c, rnd * local_epochs + e) for e in range(local_epochs)] for c in group]
+            orders = round_orders(ctx, group, rnd, local_epochs)
             jobs = [ClientJob(c.x_train, c.y_train, [idx for o in order for idx in o]) for c, order in zip(group, orders)]
             start = {**{f"0.{k}": v for k, v in global_client[key].items()},
                      **{f"1.{k}": v for k, v in global_server.items()}}

@@ -35,7 +35,7 @@ from simkit.algorithms.base import (
     average_states,
     batch_len,
 )
-from simkit.algorithms.batching import Precomputed, RoundBatcher
+from simkit.algorithms.batching import Precomputed, RoundBatcher, round_orders, working_model
 from simkit.learning.losses import proximal_term
 
 
@@ -80,16 +80,10 @@ class FedAvg(Algorithm):
         their batch orders and resulting weights by client name. The batch orders are drawn
         first, in one go."""
         ctx, spec = self.ctx, self.spec
-        epochs = range(rnd * spec.local_epochs, (rnd + 1) * spec.local_epochs)
-        orders = [[ctx.epoch_order(c, e) for e in epochs] for c in clients]
+        orders = round_orders(ctx, clients, rnd, spec.local_epochs)
         out = {}
         for c, order in zip(clients, orders):
-            model = self.scratch.get(c.key)
-            if model is None:   # one per model group: each client's round overwrites it whole
-                model = self.scratch[c.key] = nn.Sequential(copy.deepcopy(ctx.client_templates[c.key]),
-                                                            copy.deepcopy(ctx.server_template))
-            model[0].load_state_dict(self.global_client[c.key])
-            model[1].load_state_dict(self.global_server)
+            model = working_model(self.scratch, ctx, c.key, self.global_client[c.key], self.global_server)
             opt = ctx.optimizer(model.parameters())
             anchor = [p.detach().clone() for p in model.parameters()] if spec.mu > 0 else None
             x, y = c.x_train, c.y_train

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import copy
 
+from torch import nn
+
 from simkit.algorithms.base import Algorithm, ClientRuntime, Unavailable, average_states
-from simkit.algorithms.batching import Precomputed, RoundBatcher, warn_not_batchable
+from simkit.algorithms.batching import Precomputed, RoundBatcher, round_orders, warn_not_batchable, working_model
 from simkit.algorithms.sl import _torch_phases, split_steps
 
 
@@ -48,8 +50,8 @@ class SplitFed(Algorithm):
         self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
         #: V2: client name -> its client part
         self.workers: dict[str, object] = {}
-        #: V1: model key -> (client part, server copy) its clients train in, one after another
-        self.scratch: dict[str, tuple] = {}
+        #: V1: model key -> the (client part, server copy) its clients train in (working_model)
+        self.scratch: dict[str, nn.Sequential] = {}
         self.v2 = getattr(self.spec, "variant", "v1") == "v2"
         if self.v2:
             self.shared_server = copy.deepcopy(ctx.server_template)
@@ -73,19 +75,11 @@ class SplitFed(Algorithm):
         forward, server step on the client's server copy, client backward), fresh optimisers per
         client; their batch orders and resulting weights by client name."""
         ctx, spec = self.ctx, self.spec
-        epochs = range(rnd * spec.local_epochs, (rnd + 1) * spec.local_epochs)
-        orders = [[ctx.epoch_order(c, e) for e in epochs] for c in clients]
+        orders = round_orders(ctx, clients, rnd, spec.local_epochs)
         out = {}
         for c, order in zip(clients, orders):
-            pair = self.scratch.get(c.key)
-            if pair is None:   # one per model group: each client's round overwrites it whole
-                pair = self.scratch[c.key] = (copy.deepcopy(ctx.client_templates[c.key]),
-                                              copy.deepcopy(ctx.server_template))
-            cmodel, smodel = pair
-            cmodel.load_state_dict(self.global_client[c.key])
-            copt = ctx.optimizer(cmodel.parameters())
-            smodel.load_state_dict(self.global_server)
-            sopt = ctx.optimizer(smodel.parameters())
+            cmodel, smodel = working_model(self.scratch, ctx, c.key, self.global_client[c.key], self.global_server)
+            copt, sopt = ctx.optimizer(cmodel.parameters()), ctx.optimizer(smodel.parameters())
             x, y = c.x_train, c.y_train
             for batches in order:
                 for idx in batches:
