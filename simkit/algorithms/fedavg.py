@@ -22,8 +22,6 @@ what was batched and why).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +69,7 @@ class FedAvg(Algorithm):
         #: one entry per round and model group when batching is on/auto: round, key, clients,
         #: batched (bool) and the reason
         self.batching = self.batcher.batching
-        #: model key -> batch size -> (fwd, bwd) FLOPs of one local step of the whole model
+        #: model key -> batch size -> (fwd, bwd FLOPs, bytes written, kernels) of one local step of the whole model
         self._step_costs: dict[str, dict[int, tuple[float, float]]] = {}
 
     def train_ahead(self, clients: list[ClientRuntime], rnd: int) -> dict[str, Precomputed]:
@@ -173,12 +171,8 @@ class FedAvg(Algorithm):
             for c in ctx.clients:
                 ctx.evaluate_client(c, None)
             return
-        evals = {}
+        evals = {}   # fresh copies (the training ones stay in training mode)
         for key, state in self.global_client.items():
-            m = nn.Sequential(copy.deepcopy(ctx.client_templates[key]), copy.deepcopy(ctx.server_template))
-            m[0].load_state_dict(state)
-            m[1].load_state_dict(self.global_server)
-            m.eval()
-            evals[key] = m
+            working_model(evals, ctx, key, state, self.global_server).eval()
         for c in ctx.clients:
             ctx.evaluate_client(c, evals[c.key])

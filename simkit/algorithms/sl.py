@@ -192,6 +192,8 @@ class SplitLearning(Algorithm):
         self.server_opt = ctx.optimizer(self.server.parameters())
         self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
         self.workers: dict[str, nn.Module] = {k: copy.deepcopy(m) for k, m in ctx.client_templates.items()}
+        #: (round, client index) -> the client's batches of that round (_batches; cleared each round)
+        self._round_batches: dict[tuple[int, int], list] = {}
 
     def run(self):
         """Rounds of turns in fleet order. Where nothing else can happen meanwhile, the whole turns
@@ -206,6 +208,7 @@ class SplitLearning(Algorithm):
             ctx.recorder.round = rnd
             start = env.now
             served = 0
+            self._round_batches.clear()
             k, n = 0, len(clients)
             while k < n:
                 c = clients[k]
@@ -234,9 +237,15 @@ class SplitLearning(Algorithm):
             self.maybe_evaluate(rnd)
 
     def _batches(self, c: ClientRuntime, rnd: int) -> list:
-        """``c``'s mini-batches of round ``rnd``: ``local_epochs`` passes over its data."""
-        ctx, e = self.ctx, self.spec.local_epochs
-        return [idx for ep in range(e) for idx in ctx.epoch_order(c, rnd * e + ep)]
+        """``c``'s mini-batches of round ``rnd``: ``local_epochs`` passes over its data. Drawn once a
+        round (kept until the next round starts): a turn planned whole but rolled back, or run as
+        it comes after :meth:`_plan_turns` found it does not fit, reuses them."""
+        got = self._round_batches.get((rnd, c.index))
+        if got is None:
+            ctx, e = self.ctx, self.spec.local_epochs
+            got = self._round_batches[(rnd, c.index)] = [idx for ep in range(e)
+                                                         for idx in ctx.epoch_order(c, rnd * e + ep)]
+        return got
 
     def _relay(self, c: ClientRuntime, prev: ClientRuntime | None) -> tuple | None:
         """The weight relay to ``c`` from ``prev``, the last client that finished a turn on its

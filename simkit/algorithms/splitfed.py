@@ -49,7 +49,7 @@ class SplitFed(Algorithm):
         self.global_server = _clone(ctx.server_template)
         self.client_bytes = {k: ctx.model_bytes(m) for k, m in ctx.client_templates.items()}
         #: V2: client name -> its client part
-        self.workers: dict[str, object] = {}
+        self.workers: dict[str, nn.Module] = {}
         #: V1: model key -> the (client part, server copy) its clients train in (working_model)
         self.scratch: dict[str, nn.Sequential] = {}
         self.v2 = getattr(self.spec, "variant", "v1") == "v2"
